@@ -1,0 +1,124 @@
+"""``POST /api/v1/alertmanager``: record every alert durably, publish it, answer 202.
+
+Nothing here matches rules or renders params; that is the worker's job. A 2xx is sent only
+after the alerts are committed to the ledger; if the broker is down after that, the answer is
+still 202 and the reconciler publishes what is stuck.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from receiver.deps import PublisherDep, RequireIngest, SettingsDep
+from receiver.errors import ApiError, field_errors
+from workers import telemetry
+from workers.alerts import WebhookPayload
+from workers.ledger import repository
+from workers.ledger.db import transaction
+from workers.publishing import Publisher, PublishError
+from workers.settings import Settings
+
+router = APIRouter(prefix="/api/v1", tags=["alertmanager"])
+log = telemetry.get_logger(__name__)
+
+
+class AlertResult(BaseModel):
+    """What became of one alert of the notification."""
+
+    fingerprint: str
+    starts_at: str
+    status: Literal["firing", "resolved"]
+    result: Literal["accepted", "duplicate"]
+    event_id: str
+
+
+class IngestResponse(BaseModel):
+    """The 202 body: one entry per alert, in the order received."""
+
+    alerts: list[AlertResult]
+    truncated_alerts: int
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (never buffered whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "payload_too_large", f"body is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "payload_too_large", f"body is larger than {limit} bytes")
+    return bytes(body)
+
+
+def _record(settings: Settings, payload: WebhookPayload) -> list[repository.RecordedEvent]:
+    with transaction(settings.database_url) as session:
+        return repository.record_events(
+            session, payload.alerts, receiver=payload.receiver, group_key=payload.group_key
+        )
+
+
+def _publish(settings: Settings, publisher: Publisher, event_ids: list[str]) -> None:
+    published: list[str] = []
+    for event_id in event_ids:
+        try:
+            publisher.handle_alert(event_id)
+        except PublishError as exc:
+            telemetry.PUBLISH_FAILURES.labels(task="handle_alert").inc()
+            log.warning("publish_failed", event_id=event_id, error=str(exc), left_for_reconciler=len(event_ids) - len(published))
+            break  # the broker is down; do not wait on it once per alert
+        published.append(event_id)
+    if not published:
+        return
+    try:
+        with transaction(settings.database_url) as session:
+            repository.mark_events_enqueued(session, published)
+    except Exception as exc:  # the events are recorded; at worst the reconciler sends them twice
+        log.warning("mark_enqueued_failed", error_type=type(exc).__name__)
+
+
+@router.post("/alertmanager", status_code=202, dependencies=[RequireIngest])
+async def receive_alertmanager(
+    request: Request, settings: SettingsDep, publisher: PublisherDep
+) -> IngestResponse:
+    """Record each alert of an Alertmanager notification (v4) and publish the new ones."""
+    body = await _read_limited(request, settings.max_body_bytes)
+    try:
+        payload = WebhookPayload.model_validate_json(body)
+    except ValidationError as exc:
+        raise ApiError(
+            422, "invalid_payload", "not an Alertmanager v4 webhook payload", detail=field_errors(exc.errors())
+        ) from exc
+    if payload.truncated_alerts:
+        telemetry.ALERTS_TRUNCATED.inc(payload.truncated_alerts)
+        log.warning(
+            "alerts_truncated",
+            truncated_alerts=payload.truncated_alerts,
+            received=len(payload.alerts),
+            receiver=payload.receiver,
+        )
+    recorded = await run_in_threadpool(_record, settings, payload)
+    new = [r.event_id for r in recorded if r.accepted]
+    for r in recorded:
+        telemetry.ALERTS_RECEIVED.labels(result="accepted" if r.accepted else "duplicate").inc()
+    if new:
+        await run_in_threadpool(_publish, settings, publisher, new)
+    log.info("alerts_received", accepted=len(new), duplicate=len(recorded) - len(new), receiver=payload.receiver)
+    return IngestResponse(
+        alerts=[
+            AlertResult(
+                fingerprint=r.alert.fingerprint,
+                starts_at=r.alert.starts_at,
+                status=r.alert.status,
+                result="accepted" if r.accepted else "duplicate",
+                event_id=r.event_id,
+            )
+            for r in recorded
+        ],
+        truncated_alerts=payload.truncated_alerts,
+    )

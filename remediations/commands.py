@@ -1,0 +1,160 @@
+"""``run_command``: run a command declared in the config, as an argv list, never through a shell."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from typing import IO, Any
+
+from pydantic import Field
+
+from remediations.base import (
+    CommandSpec,
+    Preflight,
+    RemediationContext,
+    RemediationParams,
+    RemediationResult,
+)
+from remediations.errors import PermanentError, TransientError
+from remediations.registry import remediation
+
+MAX_TIMEOUT = 900.0
+OUTPUT_LIMIT_BYTES = 16 * 1024
+TEMPLATE_MARKERS = ("{{", "{%")
+
+
+class RunCommandParams(RemediationParams):
+    """Params of ``run_command``: which declared command to run."""
+
+    command: str = Field(description="Name of a command under `commands:` in the config.")
+
+
+def is_template(element: str) -> bool:
+    """Whether an argv element takes data from the alert (contains template syntax)."""
+    return any(marker in element for marker in TEMPLATE_MARKERS)
+
+
+def render_argv(spec: CommandSpec, ctx: RemediationContext) -> list[str]:
+    """Render each argv element to exactly one argument and refuse injected options.
+
+    An argument rendered from alert data that starts with '-' could be read as an option
+    (``ssh -oProxyCommand=...``): refused unless the command sets ``allow_option_args``.
+    """
+    argv: list[str] = []
+    for index, element in enumerate(spec.argv):
+        if index == 0 and is_template(element):
+            raise PermanentError("the program (argv[0]) must be a literal path, not a template")
+        value = ctx.render(element) if is_template(element) else element
+        if "\x00" in value:
+            raise PermanentError(f"argument {index} contains a NUL byte")
+        if is_template(element) and value.startswith("-") and not spec.allow_option_args:
+            raise PermanentError(
+                f"argument {index} rendered from alert data starts with '-' "
+                "(set allow_option_args: true on the command to permit it)"
+            )
+        argv.append(value)
+    return argv
+
+
+def _command(ctx: RemediationContext, params: RunCommandParams) -> CommandSpec:
+    spec = ctx.commands.get(params.command)
+    if spec is None:
+        raise PermanentError(f"unknown command {params.command!r} (not under `commands:`)")
+    return spec
+
+
+def preflight_run_command(ctx: RemediationContext, params: RunCommandParams) -> Preflight:
+    """Resolve the command and render its argv, refusing what ``run_command`` would refuse."""
+    spec = _command(ctx, params)
+    return Preflight(timeout=min(spec.timeout, MAX_TIMEOUT), details={"argv": render_argv(spec, ctx)})
+
+
+class _BoundedReader(threading.Thread):
+    """Drains a pipe so the child never blocks, keeping only the first OUTPUT_LIMIT_BYTES."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.kept = bytearray()
+        self.total = 0
+
+    def run(self) -> None:
+        for chunk in iter(lambda: self.stream.read1(65536), b""):  # type: ignore[attr-defined]
+            self.total += len(chunk)
+            room = OUTPUT_LIMIT_BYTES - len(self.kept)
+            if room > 0:
+                self.kept += chunk[:room]
+
+    def text(self) -> str:
+        return self.kept.decode("utf-8", "replace")
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@remediation(
+    name="run_command",
+    timeout=60.0,
+    max_timeout=MAX_TIMEOUT,
+    preflight=preflight_run_command,
+)
+def run_command(ctx: RemediationContext, params: RunCommandParams) -> RemediationResult:
+    """Run a declared command with an empty environment (plus PATH), capturing bounded output.
+
+    Exit status 0 succeeds; another status or the timeout (which kills the whole process
+    group) is transient; a missing program is permanent.
+    """
+    spec = _command(ctx, params)
+    argv = render_argv(spec, ctx)
+    timeout = min(spec.timeout, MAX_TIMEOUT)
+    # The command inherits nothing of ours (tokens, database URLs): only PATH, to find tools.
+    env = {"PATH": os.environ.get("PATH", os.defpath)}
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - argv list from the config, never a shell
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # its own process group, so a timeout kills every child
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise PermanentError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
+    assert proc.stdout is not None and proc.stderr is not None  # noqa: S101 - PIPE was asked
+    readers = [_BoundedReader(proc.stdout), _BoundedReader(proc.stderr)]
+    for reader in readers:
+        reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        # Also on SoftTimeLimitExceeded or any other exception raised into this frame.
+        if proc.poll() is None:
+            _kill_group(proc)
+            proc.wait()
+    for reader in readers:
+        reader.join(timeout=2)
+        if reader.is_alive():  # a grandchild still holds our pipe open
+            _kill_group(proc)
+            reader.join()
+    details: dict[str, Any] = {
+        "argv": argv,
+        "exit_code": proc.returncode,
+        "stdout": readers[0].text(),
+        "stderr": readers[1].text(),
+        "output_truncated": any(r.total > OUTPUT_LIMIT_BYTES for r in readers),
+    }
+    if timed_out:
+        raise TransientError(f"timed out after {timeout}s; process group killed", details=details)
+    if proc.returncode != 0:
+        raise TransientError(f"exit status {proc.returncode}", details=details)
+    return RemediationResult(summary=f"{argv[0]} exited 0", details=details)

@@ -1,0 +1,169 @@
+"""``http_request``: call an HTTP endpoint on the allowlist, never following redirects."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import httpx
+from pydantic import Field, PositiveFloat, field_validator, model_validator
+
+from remediations.base import Preflight, RemediationContext, RemediationParams, RemediationResult
+from remediations.errors import PermanentError, TransientError
+from remediations.registry import remediation
+
+MAX_TIMEOUT = 60.0
+RESPONSE_SNIPPET_BYTES = 2048
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class HttpRequestParams(RemediationParams):
+    """Params of ``http_request``; the URL is checked against ``http_allowlist`` before use."""
+
+    url: str = Field(description="Absolute http(s) URL; host and port must be on the allowlist.")
+    method: Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    json_body: Any = Field(default=None, alias="json", description="A JSON body (not with body).")
+    body: str | None = Field(default=None, description="A raw text body (not with json).")
+    expected_status: list[int] | None = Field(
+        default=None, description="Statuses that count as success; any 2xx when unset."
+    )
+    timeout: PositiveFloat = Field(default=10.0, le=MAX_TIMEOUT, description="Seconds for the call.")
+
+    model_config = RemediationParams.model_config | {"populate_by_name": True}
+
+    @field_validator("headers")
+    @classmethod
+    def _no_control_chars(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if any(ord(c) < 32 or ord(c) == 127 for c in name + value):
+                raise ValueError(f"header {name!r} contains a control character")
+        return headers
+
+    @model_validator(mode="after")
+    def _one_body(self) -> HttpRequestParams:
+        if self.json_body is not None and self.body is not None:
+            raise ValueError("give json or body, not both")
+        return self
+
+
+def _split_pattern(pattern: str) -> tuple[str, str | None]:
+    """``host``, ``host:port``, ``host:*``, ``[v6]:port`` -> (host, port or None)."""
+    if pattern.startswith("["):
+        host, _, rest = pattern[1:].partition("]")
+        return host.lower(), rest[1:] if rest.startswith(":") else None
+    if pattern.count(":") == 1:
+        host, port = pattern.split(":")
+        return host.lower(), port
+    return pattern.lower(), None
+
+
+def _host_matches(pattern_host: str, host: str) -> bool:
+    if pattern_host.startswith("*."):
+        return host.endswith(pattern_host[1:]) and host != pattern_host[2:]
+    return host == pattern_host
+
+
+def allowlisted(allowlist: tuple[str, ...], *, scheme: str, host: str, port: int | None) -> bool:
+    """Whether ``host:port`` is on the allowlist.
+
+    Patterns: ``host`` (default port of the scheme only), ``host:port``, ``host:*`` (any port),
+    ``*.example.com`` (any subdomain, not the apex), ``[::1]:*`` for IPv6.
+    """
+    effective_port = port if port is not None else DEFAULT_PORTS[scheme]
+    for pattern in allowlist:
+        pattern_host, pattern_port = _split_pattern(pattern)
+        if not _host_matches(pattern_host, host):
+            continue
+        if pattern_port == "*":
+            return True
+        if pattern_port is None and effective_port == DEFAULT_PORTS[scheme]:
+            return True
+        if pattern_port is not None and pattern_port.isdigit() and int(pattern_port) == effective_port:
+            return True
+    return False
+
+
+def checked_url(url: str, allowlist: tuple[str, ...]) -> httpx.URL:
+    """Parse a rendered URL and refuse it unless it is http(s), without userinfo, on the allowlist.
+
+    The parsed object is what gets sent, so the check and the request cannot disagree on the host.
+    """
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise PermanentError(f"invalid URL: {exc}") from exc
+    if parsed.scheme not in DEFAULT_PORTS:
+        raise PermanentError(f"URL scheme {parsed.scheme!r} is not allowed (http, https only)")
+    if parsed.userinfo:
+        raise PermanentError("URL must not contain userinfo (user:password@)")
+    host = parsed.raw_host.decode("ascii").lower()
+    if not host:
+        raise PermanentError("URL has no host")
+    if not allowlisted(allowlist, scheme=parsed.scheme, host=host, port=parsed.port):
+        shown = f"{host}:{parsed.port}" if parsed.port is not None else host
+        raise PermanentError(f"host {shown!r} is not on http_allowlist")
+    return parsed
+
+
+def preflight_http_request(ctx: RemediationContext, params: HttpRequestParams) -> Preflight:
+    """Refuse a URL outside the allowlist before anything is sent."""
+    url = checked_url(params.url, ctx.http_allowlist)
+    return Preflight(timeout=params.timeout, details={"url": str(url), "method": params.method})
+
+
+def _is_success(status: int, expected: list[int] | None) -> bool:
+    return status in expected if expected is not None else 200 <= status < 300
+
+
+@remediation(
+    name="http_request",
+    timeout=10.0,
+    max_timeout=MAX_TIMEOUT,
+    preflight=preflight_http_request,
+)
+def http_request(ctx: RemediationContext, params: HttpRequestParams) -> RemediationResult:
+    """Send one HTTP request to an allowlisted endpoint; redirects and environment proxies are off.
+
+    Success is a status in ``expected_status`` (any 2xx by default). 5xx, 429, timeouts and
+    connection errors are transient; any other status is permanent.
+    """
+    url = checked_url(params.url, ctx.http_allowlist)
+    started = time.monotonic()
+    try:
+        with (
+            httpx.Client(
+                transport=ctx.http_transport,
+                trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute calls
+                follow_redirects=False,  # a redirect could leave the allowlist
+                timeout=params.timeout,
+            ) as client,
+            client.stream(
+                params.method,
+                url,
+                headers=params.headers,
+                json=params.json_body,
+                content=params.body,
+            ) as response,
+        ):
+            snippet = b""
+            for chunk in response.iter_bytes():
+                snippet += chunk
+                if len(snippet) >= RESPONSE_SNIPPET_BYTES:
+                    break
+    except httpx.TimeoutException as exc:
+        raise TransientError(f"timed out after {params.timeout}s: {exc!r}") from exc
+    except httpx.TransportError as exc:
+        raise TransientError(f"request failed: {exc!r}") from exc
+    details = {
+        "status": response.status_code,
+        "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+        "response": snippet[:RESPONSE_SNIPPET_BYTES].decode("utf-8", "replace"),
+    }
+    status = response.status_code
+    if _is_success(status, params.expected_status):
+        return RemediationResult(summary=f"{params.method} {url} -> {status}", details=details)
+    message = f"{params.method} {url} -> unexpected status {status}"
+    if status >= 500 or status == 429:
+        raise TransientError(message, details=details)
+    raise PermanentError(message, details=details)

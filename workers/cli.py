@@ -1,0 +1,201 @@
+"""The ``responder`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+from pydantic import ValidationError
+
+from remediations import ResponderError
+from workers import telemetry
+from workers.alerts import Alert, WebhookPayload
+from workers.config import ConfigError, ResponderConfig, load_config
+from workers.settings import get_settings
+from workers.tasknames import ALL_QUEUES
+
+
+def _logging() -> None:
+    settings = get_settings()
+    telemetry.configure_logging(fmt=settings.log_format, level=settings.log_level)
+
+
+def _load(path: Path) -> ResponderConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        click.echo(f"{exc.source}: {len(exc.problems)} problem(s)", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        raise SystemExit(1) from exc
+
+
+@click.group()
+def main() -> None:
+    """alert-responder: auto-remediation for Prometheus Alertmanager alerts."""
+
+
+@main.command()
+@click.option("--host", default="0.0.0.0", show_default=True)  # noqa: S104 - a server's default
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """Run the receiver (HTTP API)."""
+    import uvicorn  # noqa: PLC0415 - only this command needs it
+
+    settings = get_settings()
+    _logging()
+    missing = [n for n in ("ingest", "operator") if not getattr(settings, f"{n}_tokens")]
+    if missing:
+        names = " and ".join(f"RESPONDER_{n.upper()}_TOKENS" for n in missing)
+        raise click.UsageError(f"{names} must be set (comma-separated bearer tokens)")
+    uvicorn.run(
+        "receiver.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _worker_app() -> Any:
+    from workers import tasks  # noqa: F401, PLC0415 - registers tasks and logging signals
+    from workers.celery_app import create_celery_app  # noqa: PLC0415
+
+    return create_celery_app(get_settings())
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--concurrency", type=int, default=None, help="Worker processes (default: CPUs).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker on the alerts, remediations and maintenance queues."""
+    from workers.runner import check_delivery_settings  # noqa: PLC0415
+
+    settings = get_settings()
+    _logging()
+    config = _load(settings.config)
+    try:
+        check_delivery_settings(settings, config)
+    except ResponderError as exc:
+        raise click.UsageError(str(exc)) from exc
+    argv = ["worker", "-Q", ",".join(ALL_QUEUES), "--loglevel", settings.log_level, "-n", "responder@%h"]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    _worker_app().worker_main([*argv, *celery_args])
+
+
+@main.command()
+def beat() -> None:
+    """Run Celery beat (one active across replicas, by a Redis lock)."""
+    from workers.schedules import beat_schedule  # noqa: PLC0415
+
+    settings = get_settings()
+    _logging()
+    app = _worker_app()
+    app.conf.beat_schedule = beat_schedule(settings)
+    app.start(["beat", "--loglevel", settings.log_level])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--data-dir", default=".responder/dev", show_default=True, type=click.Path(path_type=Path))
+@click.option("--concurrency", default=2, show_default=True, type=int)
+def dev(host: str, port: int, data_dir: Path, concurrency: int) -> None:
+    """Run everything locally: embedded Redis, SQLite ledger, receiver, worker and beat."""
+    from workers.dev import run_dev  # noqa: PLC0415
+
+    settings = get_settings()
+    _load(settings.config)
+    sys.exit(run_dev(settings=settings, host=host, port=port, data_dir=data_dir, concurrency=concurrency))
+
+
+@main.group()
+def db() -> None:
+    """Ledger database commands."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Apply the ledger's migrations to RESPONDER_DATABASE_URL."""
+    from workers.ledger.migrate import upgrade  # noqa: PLC0415
+
+    upgrade(get_settings().database_url, revision)
+    click.echo(f"ledger at {revision}")
+
+
+@main.group()
+def config() -> None:
+    """Config file commands."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate a config file; problems are listed by rule and field."""
+    loaded = _load(path)
+    click.echo(f"{path}: OK ({len(loaded.rules)} rules, {len(loaded.commands)} commands)")
+
+
+def _alerts_of(path: Path) -> list[Alert]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+        if isinstance(raw, dict) and "alerts" in raw:
+            return WebhookPayload.model_validate(raw).alerts
+        items = raw if isinstance(raw, list) else [raw]
+        return [Alert.model_validate({"status": "firing", "fingerprint": "0", "startsAt": "1970-01-01T00:00:00Z", **i}) for i in items]
+    except (OSError, yaml.YAMLError, ValidationError, TypeError) as exc:
+        raise click.BadParameter(f"{path}: not an Alertmanager payload or alert: {exc}") from exc
+
+
+@config.command("test")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--alert", "alert_path", required=True, type=click.Path(path_type=Path), help="A webhook payload, an alert, or a list of alerts (JSON or YAML).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
+    """Show which rules match each alert and the params they would run with; runs nothing."""
+    from workers.planner import plan_rule  # noqa: PLC0415
+
+    loaded = _load(path)
+    report = []
+    for alert in _alerts_of(alert_path):
+        rules = loaded.matching_rules(alert.labels)
+        plans = [] if alert.status == "resolved" else [plan_rule(rule, alert, loaded) for rule in rules]
+        report.append(
+            {
+                "fingerprint": alert.fingerprint,
+                "status": alert.status,
+                "labels": alert.labels,
+                "matched_rules": [rule.name for rule in rules],
+                "plans": [telemetry.redact(vars(plan)) for plan in plans],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for entry in report:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(entry["labels"].items()))
+        click.echo(f"alert {{{labels}}} ({entry['status']})")
+        if not entry["matched_rules"]:
+            click.echo("  no rule matches")
+        elif entry["status"] == "resolved":
+            click.echo(f"  resolved: matches {', '.join(entry['matched_rules'])}; nothing would run")
+        for plan in entry["plans"]:
+            click.echo(f"  rule {plan['rule']} -> {plan['remediation']} [{plan['mode']}]: would be {plan['status']}"
+                       + (f" ({plan['skip_reason']})" if plan["skip_reason"] else ""))
+            if plan["error"]:
+                click.echo(f"    error: {plan['error']}")
+            else:
+                click.echo(f"    params: {json.dumps(plan['params'], sort_keys=True)}")
+                if plan["preflight"]:
+                    click.echo(f"    checked: {json.dumps(plan['preflight'], sort_keys=True)}")
+
+
+if __name__ == "__main__":
+    main()

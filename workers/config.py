@@ -1,0 +1,207 @@
+"""The responder config file: allowlist, declared commands and rules, validated as a whole.
+
+Unknown keys are errors at every level, and every problem is reported with the rule and field
+it belongs to, so ``responder config check`` reads like a compiler's error list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from remediations import (
+    CommandSpec,
+    RemediationContext,
+    ResponderError,
+    get_remediation,
+    registered,
+)
+from remediations.commands import is_template
+from workers.matching import Matcher, MatcherError, parse_matcher
+from workers.templating import RenderError, check_syntax
+
+
+class ConfigError(ResponderError):
+    """The config is invalid; ``problems`` lists each error as ``location: message``."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = list(problems)
+
+
+class Rule(BaseModel):
+    """Which alerts (``match``) get which remediation, with which params, in which mode."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+    match: list[str] = Field(min_length=1)
+    remediation: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["enforce", "dry_run"] = "enforce"
+    _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
+
+    @field_validator("match")
+    @classmethod
+    def _parse_matchers(cls, values: list[str]) -> list[str]:
+        problems = []
+        for index, text in enumerate(values):
+            try:
+                parse_matcher(text)
+            except MatcherError as exc:
+                problems.append(f"[{index}] {exc}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+    def model_post_init(self, context: Any, /) -> None:
+        """Parse the matchers once."""
+        self._matchers = tuple(parse_matcher(text) for text in self.match)
+
+    @property
+    def matchers(self) -> tuple[Matcher, ...]:
+        """The parsed matchers."""
+        return self._matchers
+
+    def applies_to(self, labels: Mapping[str, str]) -> bool:
+        """Whether every matcher of this rule holds for the label set."""
+        return all(matcher.matches(labels) for matcher in self._matchers)
+
+
+class ResponderConfig(BaseModel):
+    """The whole config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    http_allowlist: list[str] = Field(default_factory=list)
+    commands: dict[str, CommandSpec] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+
+    def context(self, **overrides: Any) -> RemediationContext:
+        """A remediation context carrying this config's allowlist and commands."""
+        return RemediationContext(
+            http_allowlist=tuple(self.http_allowlist),
+            commands=self.commands,
+            **overrides,
+        )
+
+    def matching_rules(self, labels: Mapping[str, str]) -> list[Rule]:
+        """The rules whose matchers all hold for the label set, in file order."""
+        return [rule for rule in self.rules if rule.applies_to(labels)]
+
+    def rule(self, name: str) -> Rule | None:
+        """The rule called ``name``, if any."""
+        return next((rule for rule in self.rules if rule.name == name), None)
+
+
+def _location(loc: Sequence[int | str], raw: Any) -> str:
+    """``('rules', 0, 'params')`` -> ``rules[0] (probe-http).params``."""
+    text = ""
+    node = raw
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, dict) and isinstance(node.get("name"), str):
+                text += f" ({node['name']})"
+        else:
+            text += f".{part}" if text else str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return text
+
+
+def _static_problems(config: ResponderConfig) -> list[str]:
+    """Problems a config has for every alert: names, remediations, params, templates."""
+    problems: list[str] = []
+    for name, spec in config.commands.items():
+        if is_template(spec.argv[0]):
+            problems.append(f"commands.{name}.argv[0]: the program must be a literal path")
+        try:
+            check_syntax(spec.argv, f"commands.{name}.argv")
+        except RenderError as exc:
+            problems.append(str(exc))
+    seen: set[str] = set()
+    for index, rule in enumerate(config.rules):
+        where = f"rules[{index}] ({rule.name})"
+        if rule.name in seen:
+            problems.append(f"{where}.name: duplicate rule name")
+        seen.add(rule.name)
+        if rule.remediation not in registered():
+            known = ", ".join(sorted(registered()))
+            problems.append(f"{where}.remediation: unknown remediation {rule.remediation!r} (known: {known})")
+            continue
+        try:
+            check_syntax(rule.params, f"{where}.params")
+        except RenderError as exc:
+            problems.append(str(exc))
+            continue
+        problems.extend(_params_problems(config, rule, where))
+    return problems
+
+
+def _params_problems(config: ResponderConfig, rule: Rule, where: str) -> list[str]:
+    definition = get_remediation(rule.remediation)
+    fields = definition.params_model.model_fields
+    known = set(fields) | {f.alias for f in fields.values() if f.alias}
+    unknown = sorted(set(rule.params) - known)
+    if unknown:
+        return [f"{where}.params.{key}: unknown param for {rule.remediation}" for key in unknown]
+    if any(isinstance(v, str) and is_template(v) for v in _strings(rule.params)):
+        return []  # needs alert data: checked fully by `config test` and at plan time
+    try:
+        params = definition.validate(rule.params)
+        # Arguments of commands take alert data; a placeholder stands in for it here.
+        definition.preflight(config.context(render=lambda _: "placeholder"), params)
+    except ValidationError as exc:
+        return [f"{where}.params.{_location(e['loc'], {})}: {e['msg']}" for e in exc.errors()]
+    except ResponderError as exc:
+        return [f"{where}.params: {exc}"]
+    return []
+
+
+def _strings(value: Any) -> list[Any]:
+    if isinstance(value, Mapping):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return [value]
+
+
+def parse_config(raw: Any, source: str = "<config>") -> ResponderConfig:
+    """Validate already-parsed YAML; raises ConfigError listing every problem found."""
+    if raw is None:
+        raw = {}
+    try:
+        config = ResponderConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{_location(e['loc'], raw)}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(source, problems) from exc
+    problems = _static_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: Path) -> ResponderConfig:
+    """Read and validate a YAML config file; raises ConfigError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"invalid YAML: {exc}"]) from exc
+    return parse_config(raw, str(path))
+
+
+@lru_cache(maxsize=8)
+def cached_config(path: Path) -> ResponderConfig:
+    """The config at ``path``, loaded once per process (restart to pick up changes)."""
+    return load_config(path)

@@ -1,0 +1,1 @@
+"""The ledger: SQLAlchemy models, engines, the repository and Alembic migrations."""

@@ -1,0 +1,97 @@
+"""Engines and sessions: one engine per process (created after fork), SQLite made multi-process safe.
+
+SQLite with several processes (receiver, worker children, beat) writing: WAL so readers do not
+block the writer, a busy timeout so a writer waits instead of failing, and ``BEGIN IMMEDIATE``
+so a transaction takes the write lock up front rather than failing to upgrade a read lock
+midway ("database is locked" surfacing as a false 503).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_S = 30
+PG_CONNECT_TIMEOUT_S = 5
+
+_engines: dict[tuple[int, str], Engine] = {}
+_sessionmakers: dict[tuple[int, str], sessionmaker[Session]] = {}
+
+
+def normalize_url(url: str) -> str:
+    """Map ``postgres://`` and ``postgresql://`` to the installed psycopg (3) driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling would BEGIN lazily (deferred); take it over.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")  # a 2xx means on disk, even after power loss
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_engine(url: str) -> Engine:
+    """A new engine for ``url``, configured for this ledger's needs."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        return _sqlite_engine(url)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+    )
+
+
+def get_engine(url: str) -> Engine:
+    """This process's engine for ``url``; a forked child gets its own, never its parent's."""
+    key = (os.getpid(), url)
+    engine = _engines.get(key)
+    if engine is None:
+        engine = _engines[key] = make_engine(url)
+    return engine
+
+
+def get_sessionmaker(url: str) -> sessionmaker[Session]:
+    """This process's session factory for ``url``."""
+    key = (os.getpid(), url)
+    factory = _sessionmakers.get(key)
+    if factory is None:
+        factory = _sessionmakers[key] = sessionmaker(get_engine(url), expire_on_commit=False)
+    return factory
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Session]:
+    """A session in one transaction: committed on success, rolled back on error."""
+    with get_sessionmaker(url).begin() as session:
+        yield session
+
+
+def dispose_all() -> None:
+    """Close this process's pooled connections (tests, shutdown)."""
+    pid = os.getpid()
+    for (owner, _), engine in list(_engines.items()):
+        if owner == pid:
+            engine.dispose()

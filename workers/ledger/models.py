@@ -1,0 +1,141 @@
+"""The ledger's tables: alert events, runs and attempts (what must not be lost)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every database (SQLite keeps no zone, so it is stored as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the ledger; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the ledger."""
+
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+
+
+# Timestamps from Alertmanager: canonical RFC 3339 with nanoseconds (workers.alerts).
+TIMESTAMP_LEN = 30
+
+
+class AlertEvent(Base):
+    """One state (firing or resolved) of one alert episode, as received."""
+
+    __tablename__ = "alert_events"
+    __table_args__ = (
+        UniqueConstraint("fingerprint", "starts_at", "status", name="uq_alert_events_event_key"),
+        Index("ix_alert_events_enqueued_at", "enqueued_at"),
+        Index("ix_alert_events_received_at", "received_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    starts_at: Mapped[str] = mapped_column(String(TIMESTAMP_LEN))
+    status: Mapped[str] = mapped_column(String(16))
+    ends_at: Mapped[str] = mapped_column(String(TIMESTAMP_LEN))
+    labels: Mapped[dict[str, Any]]
+    annotations: Mapped[dict[str, Any]]
+    generator_url: Mapped[str] = mapped_column(Text, default="")
+    receiver: Mapped[str] = mapped_column(Text, default="")
+    group_key: Mapped[str] = mapped_column(Text, default="")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    handled_at: Mapped[datetime | None]
+    matched_rules: Mapped[int | None] = mapped_column(Integer)
+
+
+class Run(Base):
+    """One planned remediation: from an alert (one per episode and rule), by hand or on schedule."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        # Action at most once: a redelivered or twice-enqueued event cannot plan a rule twice.
+        # NULLs (manual and scheduled runs) never collide.
+        UniqueConstraint("fingerprint", "starts_at", "rule", name="uq_runs_episode_rule"),
+        Index("ix_runs_created_at", "created_at"),
+        Index("ix_runs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    event_id: Mapped[str | None] = mapped_column(ForeignKey("alert_events.id"))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+    starts_at: Mapped[str | None] = mapped_column(String(TIMESTAMP_LEN))
+    rule: Mapped[str | None] = mapped_column(String(200))
+    remediation: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]]
+    preflight: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    timeout_s: Mapped[float] = mapped_column(Float)
+    mode: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    skip_reason: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    enqueued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    attempts: Mapped[list[Attempt]] = relationship(
+        back_populates="run", order_by="Attempt.number", lazy="selectin"
+    )
+
+
+class Attempt(Base):
+    """One try at a run, counted here (a redelivered message does not bump Celery's retries)."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (UniqueConstraint("run_id", "number", name="uq_attempts_run_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    task_id: Mapped[str] = mapped_column(String(64))
+    worker: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deadline_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    run: Mapped[Run] = relationship(back_populates="attempts")

@@ -1,0 +1,49 @@
+"""The reconciler (a beat job): publish what the ledger holds but the broker never got."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from workers import telemetry
+from workers.ledger import repository
+from workers.ledger.db import transaction
+from workers.ledger.models import utcnow
+from workers.planner import publish_runs
+from workers.publishing import Publisher, PublishError
+from workers.settings import Settings
+
+log = telemetry.get_logger(__name__)
+BATCH = 500
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """How many events and runs one pass published."""
+
+    events: int
+    runs: int
+
+
+def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
+    """Re-enqueue events recorded but not enqueued, and queued runs never published."""
+    cutoff = utcnow() - timedelta(seconds=settings.reconcile_after_s)
+    with transaction(settings.database_url) as session:
+        event_ids = repository.events_to_enqueue(session, received_before=cutoff, limit=BATCH)
+        runs = [(r.id, r.timeout_s) for r in repository.runs_to_enqueue(session, updated_before=cutoff, limit=BATCH)]
+    published: list[str] = []
+    for event_id in event_ids:
+        try:
+            publisher.handle_alert(event_id)
+        except PublishError as exc:
+            log.warning("reconcile_publish_failed", event_id=event_id, error=str(exc))
+            break
+        published.append(event_id)
+    if published:
+        with transaction(settings.database_url) as session:
+            repository.mark_events_enqueued(session, published)
+    run_count = publish_runs(runs, settings=settings, publisher=publisher) if runs else 0
+    result = Reconciled(events=len(published), runs=run_count)
+    if result.events or result.runs:
+        log.info("reconciled", events=result.events, runs=result.runs)
+    return result

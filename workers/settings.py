@@ -1,0 +1,66 @@
+"""One settings object for every process, read from ``RESPONDER_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///responder.db"
+
+
+class Settings(BaseSettings):
+    """Runtime settings; the only place that reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RESPONDER_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = DEFAULT_DATABASE_URL
+    config: Path = Path("examples/responder.yaml")
+    # "a,b" in the environment: NoDecode stops pydantic-settings from parsing lists as JSON.
+    ingest_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    operator_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # 4 MiB: a large Alertmanager group must not be refused, since a 4xx is final for it.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
+    log_level: str = "INFO"
+
+    # Publishing from the receiver: bounded so the webhook answers well under Alertmanager's 10 s.
+    publish_connect_timeout_s: float = Field(default=1.0, gt=0)
+    publish_max_retries: int = Field(default=2, ge=0)
+
+    # Delivery: the broker re-delivers an unacked message after this; must exceed twice the
+    # longest hard time limit (checked at worker start).
+    visibility_timeout_s: int = Field(default=3600, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=5.0, ge=0)
+    # Seconds between the soft time limit (the remediation's timeout) and the hard kill.
+    hard_limit_margin_s: float = Field(default=15.0, gt=0)
+
+    # Reconciler (beat): re-enqueue what was recorded but not enqueued after this many seconds.
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
+    reconcile_after_s: float = Field(default=30.0, ge=0)
+
+    # Celery beat's Redis keys (celery-redbeat); separate prefixes keep deployments apart.
+    redbeat_key_prefix: str = "responder:redbeat:"
+
+    @field_validator("ingest_tokens", "operator_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        """Whether the ledger is a SQLite file (the embedded default)."""
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

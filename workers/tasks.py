@@ -1,0 +1,90 @@
+"""The Celery tasks: thin wrappers that carry ids and delegate to planner, runner, reconciler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery import Task, current_app, shared_task, signals
+
+from workers import planner, reconciler, runner, telemetry
+from workers.config import ResponderConfig, cached_config
+from workers.publishing import Publisher, PublishError
+from workers.settings import get_settings
+from workers.tasknames import HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
+
+log = telemetry.get_logger(__name__)
+
+
+def _config() -> ResponderConfig:
+    return cached_config(get_settings().config)
+
+
+def _publisher() -> Publisher:
+    return Publisher(current_app, get_settings())
+
+
+@signals.setup_logging.connect(weak=False)
+def _setup_logging(**_: Any) -> None:
+    """Keep Celery from configuring logging: structlog's pipeline owns it."""
+    settings = get_settings()
+    telemetry.configure_logging(fmt=settings.log_format, level=settings.log_level)
+
+
+@signals.task_prerun.connect(weak=False)
+def _bind_task(task_id: str | None = None, task: Task[Any, Any] | None = None, **_: Any) -> None:
+    telemetry.clear()
+    telemetry.bind(task_id=task_id, task_name=task.name if task else None)
+
+
+@signals.task_postrun.connect(weak=False)
+def _clear_task(**_: Any) -> None:
+    telemetry.clear()
+
+
+@shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)
+def handle_alert(self: Task[Any, Any], event_id: str) -> list[str]:
+    """Match, render, validate and record runs for one alert event (idempotent)."""
+    telemetry.bind(event_id=event_id)
+    return planner.handle_event(
+        event_id=event_id, settings=get_settings(), config=_config(), publisher=_publisher()
+    )
+
+
+@shared_task(name=RUN_REMEDIATION, bind=True, ignore_result=True)
+def run_remediation(self: Task[Any, Any], run_id: str) -> str:
+    """Run one attempt of a run; a transient failure publishes the next attempt with backoff."""
+    telemetry.bind(run_id=run_id)
+    settings = get_settings()
+    task_id = self.request.id or run_id
+    execution = runner.execute(run_id=run_id, task_id=task_id, settings=settings, config=_config())
+    if execution.outcome == "retry":
+        countdown = settings.retry_backoff_s * 2 ** (execution.attempt - 1)
+        # A fresh message, not self.retry(): if publishing fails the run stays queued and
+        # unpublished in the ledger, and the reconciler sends it.
+        planner.publish_runs(
+            [(run_id, execution.timeout_s)], settings=settings, publisher=_publisher(), countdown=countdown
+        )
+    return execution.outcome
+
+
+@shared_task(name=RECONCILE, bind=True, ignore_result=True)
+def reconcile(self: Task[Any, Any]) -> dict[str, int]:
+    """Publish what was recorded but never published; one reconciler at a time (Redis lock)."""
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    lock = client.lock("responder:lock:reconcile", timeout=300, blocking=False)
+    try:
+        if not lock.acquire():
+            log.info("reconcile_already_running")
+            return {"events": 0, "runs": 0}
+        try:
+            done = reconciler.reconcile(settings=settings, publisher=_publisher())
+        finally:
+            lock.release()
+    except (redis.RedisError, PublishError) as exc:
+        log.warning("reconcile_failed", error=str(exc))
+        return {"events": 0, "runs": 0}
+    finally:
+        client.close()
+    return {"events": done.events, "runs": done.runs}

@@ -1,0 +1,115 @@
+"""Logging (structlog, JSON lines in services, console on a TTY) and secret redaction.
+
+The one place for telemetry: the later observability work (OpenTelemetry, Prometheus metrics)
+plugs in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+import structlog.tracebacks
+from prometheus_client import Counter
+
+SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I)
+REDACTED = "[REDACTED]"
+# The keys every log line may carry, bound in contextvars and cleared between tasks.
+LOG_KEYS = ("run_id", "rule", "remediation", "fingerprint", "event_id", "task_id")
+
+
+def redact(value: Any) -> Any:
+    """A copy with the values of secret-named keys replaced, walking dicts and lists."""
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if isinstance(key, str) and SECRET_KEY.search(key) else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value
+
+
+def _redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event_dict):
+        if SECRET_KEY.search(key):
+            event_dict[key] = REDACTED
+        elif isinstance(event_dict[key], (Mapping, list)):
+            event_dict[key] = redact(event_dict[key])
+    return event_dict
+
+
+def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
+    """Route structlog and the standard library (Celery, uvicorn) through one pipeline."""
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_processor,
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    # Tracebacks as data, without frame locals: a local can hold a token or a rendered secret.
+    tracebacks = structlog.processors.ExceptionRenderer(
+        structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+    )
+    final: list[Any] = [tracebacks, renderer] if as_json else [renderer]
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def bind(**values: Any) -> None:
+    """Bind log keys for the rest of this task or request."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def clear() -> None:
+    """Forget every bound key (between tasks)."""
+    structlog.contextvars.clear_contextvars()
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger."""
+    return structlog.get_logger(name)
+
+
+# Metrics (prometheus-client). The receiver serves them at /metrics.
+ALERTS_RECEIVED = Counter(
+    "responder_alerts_received_total",
+    "Alerts received from Alertmanager, by result (accepted, duplicate).",
+    ["result"],
+)
+ALERTS_TRUNCATED = Counter(
+    "responder_alerts_truncated_total",
+    "Alerts Alertmanager left out of a notification (max_alerts, truncatedAlerts).",
+)
+PUBLISH_FAILURES = Counter(
+    "responder_publish_failures_total",
+    "Task messages the broker did not take; the reconciler sends them later.",
+    ["task"],
+)
