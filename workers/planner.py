@@ -51,7 +51,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig) -> Plan:
     """Render, validate and preflight one rule's params for one alert (no side effects)."""
-    base = {"rule": rule.name, "remediation": rule.remediation, "mode": rule.mode}
+    base: dict[str, Any] = {"rule": rule.name, "remediation": rule.remediation, "mode": rule.mode}
     context = template_context(alert)
     definition = get_remediation(rule.remediation)
     try:
@@ -94,7 +94,9 @@ def event_alert(event: AlertEvent) -> Alert:
     )
 
 
-def handle_event(*, event_id: str, settings: Settings, config: ResponderConfig, publisher: Publisher) -> list[str]:
+def handle_event(
+    *, event_id: str, settings: Settings, config: ResponderConfig, publisher: Publisher
+) -> list[str]:
     """Plan the rules matching one event and publish its queued runs; returns the new run ids."""
     created: list[tuple[str, float]] = []
     with transaction(settings.database_url) as session:

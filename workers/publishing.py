@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from celery import Celery
 
 from workers.settings import Settings
@@ -19,14 +21,18 @@ class Publisher:
         self.app = app
         self.settings = settings
 
-    def _send(self, name: str, args: list[str], **options: float) -> None:
+    def _send(
+        self, name: str, args: list[str], *, soft_time_limit: float, time_limit: float, countdown: float = 0
+    ) -> None:
         try:
             self.app.send_task(
                 name,
                 args=args,
+                countdown=countdown or None,
+                soft_time_limit=math.ceil(soft_time_limit),
+                time_limit=math.ceil(time_limit),
                 retry=True,
                 retry_policy=self.app.conf.task_publish_retry_policy,
-                **options,
             )
         except Exception as exc:  # any failure is recoverable: the ledger keeps the id
             raise PublishError(f"{type(exc).__name__}: {exc}") from exc

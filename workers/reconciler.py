@@ -30,7 +30,10 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
     cutoff = utcnow() - timedelta(seconds=settings.reconcile_after_s)
     with transaction(settings.database_url) as session:
         event_ids = repository.events_to_enqueue(session, received_before=cutoff, limit=BATCH)
-        runs = [(r.id, r.timeout_s) for r in repository.runs_to_enqueue(session, updated_before=cutoff, limit=BATCH)]
+        runs = [
+            (r.id, r.timeout_s)
+            for r in repository.runs_to_enqueue(session, updated_before=cutoff, limit=BATCH)
+        ]
     published: list[str] = []
     for event_id in event_ids:
         try:

@@ -51,8 +51,7 @@ def worker_name() -> str:
 def largest_hard_limit(settings: Settings, config: ResponderConfig) -> float:
     """The longest hard time limit any run_remediation message can carry."""
     longest = max(
-        [d.max_timeout for d in registered().values()]
-        + [spec.timeout for spec in config.commands.values()]
+        [d.max_timeout for d in registered().values()] + [spec.timeout for spec in config.commands.values()]
     )
     return longest + settings.hard_limit_margin_s
 
@@ -127,7 +126,13 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
                 run_status="queued" if retry else "failed",
             )
         level = log.warning if retry else log.error
-        level("attempt_failed", attempt=claim.number, error=error, retry=retry, exc_info=not isinstance(exc, (ResponderError, SoftTimeLimitExceeded)))
+        level(
+            "attempt_failed",
+            attempt=claim.number,
+            error=error,
+            retry=retry,
+            exc_info=not isinstance(exc, (ResponderError, SoftTimeLimitExceeded)),
+        )
         return Execution("retry" if retry else "failed", timeout_s=run.timeout_s, attempt=claim.number)
     with transaction(settings.database_url) as session:
         repository.finish_attempt(

@@ -42,8 +42,8 @@ def _clear_task(**_: Any) -> None:
     telemetry.clear()
 
 
-@shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)
-def handle_alert(self: Task[Any, Any], event_id: str) -> list[str]:
+@shared_task(name=HANDLE_ALERT, ignore_result=True)
+def handle_alert(event_id: str) -> list[str]:
     """Match, render, validate and record runs for one alert event (idempotent)."""
     telemetry.bind(event_id=event_id)
     return planner.handle_event(
@@ -68,8 +68,8 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
     return execution.outcome
 
 
-@shared_task(name=RECONCILE, bind=True, ignore_result=True)
-def reconcile(self: Task[Any, Any]) -> dict[str, int]:
+@shared_task(name=RECONCILE, ignore_result=True)
+def reconcile() -> dict[str, int]:
     """Publish what was recorded but never published; one reconciler at a time (Redis lock)."""
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)

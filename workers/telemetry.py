@@ -16,7 +16,9 @@ import structlog
 import structlog.tracebacks
 from prometheus_client import Counter
 
-SECRET_KEY = re.compile(r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I)
+SECRET_KEY = re.compile(
+    r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I
+)
 REDACTED = "[REDACTED]"
 # The keys every log line may carry, bound in contextvars and cleared between tasks.
 LOG_KEYS = ("run_id", "rule", "remediation", "fingerprint", "event_id", "task_id")
@@ -34,7 +36,9 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     for key in list(event_dict):
         if SECRET_KEY.search(key):
             event_dict[key] = REDACTED

@@ -70,7 +70,12 @@ def _publish(settings: Settings, publisher: Publisher, event_ids: list[str]) -> 
             publisher.handle_alert(event_id)
         except PublishError as exc:
             telemetry.PUBLISH_FAILURES.labels(task="handle_alert").inc()
-            log.warning("publish_failed", event_id=event_id, error=str(exc), left_for_reconciler=len(event_ids) - len(published))
+            log.warning(
+                "publish_failed",
+                event_id=event_id,
+                error=str(exc),
+                left_for_reconciler=len(event_ids) - len(published),
+            )
             break  # the broker is down; do not wait on it once per alert
         published.append(event_id)
     if not published:
@@ -92,7 +97,10 @@ async def receive_alertmanager(
         payload = WebhookPayload.model_validate_json(body)
     except ValidationError as exc:
         raise ApiError(
-            422, "invalid_payload", "not an Alertmanager v4 webhook payload", detail=field_errors(exc.errors())
+            422,
+            "invalid_payload",
+            "not an Alertmanager v4 webhook payload",
+            detail=field_errors(exc.errors()),
         ) from exc
     if payload.truncated_alerts:
         telemetry.ALERTS_TRUNCATED.inc(payload.truncated_alerts)
@@ -108,7 +116,9 @@ async def receive_alertmanager(
         telemetry.ALERTS_RECEIVED.labels(result="accepted" if r.accepted else "duplicate").inc()
     if new:
         await run_in_threadpool(_publish, settings, publisher, new)
-    log.info("alerts_received", accepted=len(new), duplicate=len(recorded) - len(new), receiver=payload.receiver)
+    log.info(
+        "alerts_received", accepted=len(new), duplicate=len(recorded) - len(new), receiver=payload.receiver
+    )
     return IngestResponse(
         alerts=[
             AlertResult(

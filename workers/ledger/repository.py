@@ -116,9 +116,7 @@ def _existing_event_ids(
 def mark_events_enqueued(session: Session, event_ids: Sequence[str]) -> None:
     """Record that ``handle_alert`` was published for these events."""
     if event_ids:
-        session.execute(
-            update(AlertEvent).where(AlertEvent.id.in_(event_ids)).values(enqueued_at=utcnow())
-        )
+        session.execute(update(AlertEvent).where(AlertEvent.id.in_(event_ids)).values(enqueued_at=utcnow()))
 
 
 def events_to_enqueue(session: Session, *, received_before: datetime, limit: int) -> list[str]:
