@@ -159,6 +159,7 @@ def run_command(ctx: RemediationContext, params: RunCommandParams) -> Remediatio
         if reader.is_alive():  # a grandchild still holds our pipe open
             _kill_group(proc)
             reader.join()
+        reader.stream.close()
     details: dict[str, Any] = {
         "argv": argv,
         "exit_code": proc.returncode,
