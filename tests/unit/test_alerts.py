@@ -77,7 +77,9 @@ def test_same_instant_has_one_canonical_form(given: str, canonical: str) -> None
     assert canonical_time(given) == canonical
 
 
-@pytest.mark.parametrize("bad", ["yesterday", "2026-11-23", "2026-11-23T05:02:19", "2026-11-23T05:02:19.1234567890Z"])
+@pytest.mark.parametrize(
+    "bad", ["yesterday", "2026-11-23", "2026-11-23T05:02:19", "2026-11-23T05:02:19.1234567890Z"]
+)
 def test_bad_timestamps_are_refused(bad: str) -> None:
     """Anything but RFC 3339 with a zone is a validation error."""
     with pytest.raises(ValidationError):

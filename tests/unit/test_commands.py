@@ -75,7 +75,9 @@ def test_fake_ssh_would_act_on_the_option(fake_ssh: Path, tmp_path: Path) -> Non
     """The fake ssh really is dangerous: with allow_option_args the option does execute."""
     marker = tmp_path / "pwned"
     spec = CommandSpec(argv=[str(fake_ssh), "{{ labels.instance }}"], allow_option_args=True)
-    run_command(ctx_for({"ssh": spec}, instance=f"-oProxyCommand=touch {marker}"), RunCommandParams(command="ssh"))
+    run_command(
+        ctx_for({"ssh": spec}, instance=f"-oProxyCommand=touch {marker}"), RunCommandParams(command="ssh")
+    )
     assert marker.exists()
 
 
@@ -89,7 +91,9 @@ def test_literal_options_are_allowed_and_normal_hosts_pass(fake_ssh: Path) -> No
 def test_environment_is_empty_but_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The command sees PATH and nothing else of the worker's environment."""
     monkeypatch.setenv("RESPONDER_INGEST_TOKENS", "secret-token")
-    result = run_command(ctx_for({"env": CommandSpec(argv=["/usr/bin/env"])}), RunCommandParams(command="env"))
+    result = run_command(
+        ctx_for({"env": CommandSpec(argv=["/usr/bin/env"])}), RunCommandParams(command="env")
+    )
     names = {line.split("=", 1)[0] for line in result.details["stdout"].splitlines()}
     assert names == {"PATH"}
 

@@ -47,7 +47,15 @@ def base(**rule: Any) -> dict[str, Any]:
     return {
         "http_allowlist": ["127.0.0.1:*"],
         "commands": {"echo": {"argv": ["/bin/echo", "{{ labels.instance }}"]}},
-        "rules": [{"name": "r1", "match": ['alertname="A"'], "remediation": "http_request", "params": {"url": "http://127.0.0.1:1/"}, **rule}],
+        "rules": [
+            {
+                "name": "r1",
+                "match": ['alertname="A"'],
+                "remediation": "http_request",
+                "params": {"url": "http://127.0.0.1:1/"},
+                **rule,
+            }
+        ],
     }
 
 
@@ -88,14 +96,22 @@ def test_bad_matcher_names_rule_and_field() -> None:
 def test_unknown_remediation_and_param() -> None:
     """An unknown remediation or param key is caught before any alert arrives."""
     assert any("unknown remediation 'restart_it'" in p for p in problems(base(remediation="restart_it")))
-    assert any("rules[0] (r1).params.metod" in p for p in problems(base(params={"url": "http://127.0.0.1:1/", "metod": "GET"})))
+    assert any(
+        "rules[0] (r1).params.metod" in p
+        for p in problems(base(params={"url": "http://127.0.0.1:1/", "metod": "GET"}))
+    )
 
 
 def test_literal_params_are_fully_checked() -> None:
     """Params without templates are validated and preflighted: allowlist, unknown command."""
     assert any("not on http_allowlist" in p for p in problems(base(params={"url": "http://evil.example/"})))
-    assert any("unknown command 'nope'" in p for p in problems(base(remediation="run_command", params={"command": "nope"})))
-    assert any("params.timeout" in p for p in problems(base(params={"url": "http://127.0.0.1:1/", "timeout": 0})))
+    assert any(
+        "unknown command 'nope'" in p
+        for p in problems(base(remediation="run_command", params={"command": "nope"}))
+    )
+    assert any(
+        "params.timeout" in p for p in problems(base(params={"url": "http://127.0.0.1:1/", "timeout": 0}))
+    )
 
 
 def test_template_syntax_errors_and_templated_program() -> None:

@@ -77,7 +77,12 @@ def test_sends_json_and_succeeds_on_expected_status() -> None:
         return httpx.Response(204)
 
     params = HttpRequestParams.model_validate(
-        {"url": "http://127.0.0.1:9/hook", "json": {"a": "b"}, "expected_status": [200, 204], "headers": {"X-T": "1"}}
+        {
+            "url": "http://127.0.0.1:9/hook",
+            "json": {"a": "b"},
+            "expected_status": [200, 204],
+            "headers": {"X-T": "1"},
+        }
     )
     result = http_request(ctx(handler), params)
     assert result.details["status"] == 204
@@ -85,12 +90,24 @@ def test_sends_json_and_succeeds_on_expected_status() -> None:
     assert seen[0].method == "POST" and seen[0].headers["x-t"] == "1"
 
 
-@pytest.mark.parametrize(("status", "error"), [(500, TransientError), (503, TransientError), (429, TransientError), (404, PermanentError), (302, PermanentError), (200, PermanentError)])
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (500, TransientError),
+        (503, TransientError),
+        (429, TransientError),
+        (404, PermanentError),
+        (302, PermanentError),
+        (200, PermanentError),
+    ],
+)
 def test_status_classes(status: int, error: type[Exception]) -> None:
     """5xx and 429 are transient; other unexpected statuses (redirects too) are permanent."""
     params = HttpRequestParams(url="http://127.0.0.1:9/", expected_status=[204])
     with pytest.raises(error):
-        http_request(ctx(lambda _r: httpx.Response(status, headers={"Location": "http://evil.example/"})), params)
+        http_request(
+            ctx(lambda _r: httpx.Response(status, headers={"Location": "http://evil.example/"})), params
+        )
 
 
 def test_connection_errors_and_timeouts_are_transient() -> None:
@@ -113,7 +130,10 @@ def test_refused_url_sends_nothing() -> None:
     """A URL off the allowlist fails before any request is made."""
     sent: list[httpx.Request] = []
     with pytest.raises(PermanentError, match="not on http_allowlist"):
-        http_request(ctx(lambda r: sent.append(r) or httpx.Response(200)), HttpRequestParams(url="http://evil.example/"))
+        http_request(
+            ctx(lambda r: sent.append(r) or httpx.Response(200)),
+            HttpRequestParams(url="http://evil.example/"),
+        )
     assert sent == []
 
 

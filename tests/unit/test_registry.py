@@ -62,8 +62,8 @@ def test_bad_signatures_stop_the_import(kind: str) -> None:
 
         else:
 
-            @remediation(name="bad_return")
-            def d(ctx: RemediationContext, params: P) -> str:  # type: ignore[type-var]
+            @remediation(name="bad_return")  # type: ignore[type-var]
+            def d(ctx: RemediationContext, params: P) -> str:
                 return "x"
 
 

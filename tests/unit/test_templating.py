@@ -23,13 +23,23 @@ def alert(**labels: str) -> Alert:
 def test_renders_labels_annotations_and_alert() -> None:
     """Templates see ``labels``, ``annotations`` and ``alert`` (Alertmanager field names)."""
     ctx = template_context(alert(instance="h1"))
-    assert render_string("{{ labels.instance }}/{{ annotations.summary }}/{{ alert.fingerprint }}", ctx) == "h1/s/abc123"
+    assert (
+        render_string("{{ labels.instance }}/{{ annotations.summary }}/{{ alert.fingerprint }}", ctx)
+        == "h1/s/abc123"
+    )
     assert render_string("{{ alert.startsAt }}", ctx) == "2026-11-23T05:02:19.803814981Z"
 
 
 @pytest.mark.parametrize(
     "hostile",
-    ["{{ 7*7 }}", "{{ ''.__class__.__mro__ }}", "{% for x in range(10) %}x{% endfor %}", "$(id)", "`id`", "a;b"],
+    [
+        "{{ 7*7 }}",
+        "{{ ''.__class__.__mro__ }}",
+        "{% for x in range(10) %}x{% endfor %}",
+        "$(id)",
+        "`id`",
+        "a;b",
+    ],
 )
 def test_label_values_are_data_not_templates(hostile: str) -> None:
     """A label that looks like a template comes out exactly as it went in."""
@@ -51,7 +61,10 @@ def test_missing_label_is_an_error_not_empty() -> None:
 def test_render_value_walks_structures_and_names_the_path() -> None:
     """Strings inside dicts and lists are rendered; an error names where it happened."""
     ctx = template_context(alert(instance="h1"))
-    assert render_value({"a": ["{{ labels.instance }}", 3], "b": {"c": True}}, ctx) == {"a": ["h1", 3], "b": {"c": True}}
+    assert render_value({"a": ["{{ labels.instance }}", 3], "b": {"c": True}}, ctx) == {
+        "a": ["h1", 3],
+        "b": {"c": True},
+    }
     with pytest.raises(RenderError, match=r"params\.b\[1\]"):
         render_value({"b": ["ok", "{{ labels.nope }}"]}, ctx)
 
@@ -64,7 +77,9 @@ def test_plain_strings_are_not_compiled() -> None:
 def test_urlquote_encodes_every_url_delimiter() -> None:
     """The urlquote filter encodes '/', '?', '#', '@' and ':' so a value stays in its URL part."""
     assert urlquote("127.0.0.1:1@evil/../x?y#z") == "127.0.0.1%3A1%40evil%2F..%2Fx%3Fy%23z"
-    assert render_string("{{ labels.instance | urlquote }}", template_context(alert(instance="a b"))) == "a%20b"
+    assert (
+        render_string("{{ labels.instance | urlquote }}", template_context(alert(instance="a b"))) == "a%20b"
+    )
 
 
 def test_huge_output_is_refused() -> None:

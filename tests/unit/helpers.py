@@ -1,0 +1,89 @@
+"""Test helpers shared by unit tests: configs, alerts and a recording publisher."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import FIXTURES
+from workers.alerts import Alert
+from workers.config import ResponderConfig, parse_config
+from workers.publishing import Publisher, PublishError
+from workers.settings import Settings
+
+
+def make_config(port: int = 15101, **extra_rules: Any) -> ResponderConfig:
+    """The issue's compatibility config, aimed at ``port``."""
+    return parse_config(
+        {
+            "http_allowlist": ["127.0.0.1:*", "localhost:*"],
+            "commands": {
+                "record_instance": {
+                    "argv": ["/bin/echo", "restarting", "{{ labels.instance }}"],
+                    "timeout": "10s",
+                }
+            },
+            "rules": [
+                {
+                    "name": "probe-http",
+                    "match": ['alertname="ResponderProbe"', 'severity=~"page|critical"'],
+                    "remediation": "http_request",
+                    "params": {
+                        "url": f"http://127.0.0.1:{port}/hook/{{{{ labels.instance }}}}",
+                        "method": "POST",
+                        "json": {"alert": "{{ labels.alertname }}", "instance": "{{ labels.instance }}"},
+                        "expected_status": [200, 204],
+                    },
+                },
+                {
+                    "name": "probe-command",
+                    "match": ['alertname="ResponderCommand"'],
+                    "remediation": "run_command",
+                    "params": {"command": "record_instance"},
+                },
+                {
+                    "name": "probe-dry",
+                    "match": ['alertname="ResponderDry"'],
+                    "remediation": "http_request",
+                    "mode": "dry_run",
+                    "params": {"url": f"http://127.0.0.1:{port}/dry"},
+                },
+                *extra_rules.get("rules", []),
+            ],
+        }
+    )
+
+
+def alert_payload(alertname: str = "ResponderProbe", status: str = "firing", **labels: str) -> dict[str, Any]:
+    """The real single_firing fixture with labels changed."""
+    raw: dict[str, Any] = json.loads((FIXTURES / "single_firing.json").read_bytes())
+    alert = raw["alerts"][0]
+    alert["labels"].update({"alertname": alertname, "severity": "critical", **labels})
+    alert["status"] = raw["status"] = status
+    if status == "resolved":
+        alert["endsAt"] = "2026-11-23T05:10:00Z"
+    return raw
+
+
+def alert_of(payload: dict[str, Any]) -> Alert:
+    return Alert.model_validate(payload["alerts"][0])
+
+
+class RecordingPublisher(Publisher):
+    """Records what would be published; ``fail`` makes every publish raise like a down broker."""
+
+    def __init__(self, settings: Settings, *, fail: bool = False) -> None:
+        self.settings = settings
+        self.fail = fail
+        self.alerts: list[str] = []
+        self.runs: list[tuple[str, float, float]] = []
+
+    def handle_alert(self, event_id: str) -> None:
+        if self.fail:
+            raise PublishError("broker down")
+        self.alerts.append(event_id)
+
+    def run_remediation(self, run_id: str, *, timeout_s: float, countdown: float = 0) -> None:
+        if self.fail:
+            raise PublishError("broker down")
+        self.runs.append((run_id, timeout_s, countdown))

@@ -1,0 +1,144 @@
+"""handle_alert's planning: rendered, validated, preflighted runs; dry runs; resolved events."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from tests.unit.helpers import RecordingPublisher, alert_of, alert_payload, make_config
+from workers.alerts import WebhookPayload
+from workers.ledger import repository
+from workers.ledger.db import transaction
+from workers.ledger.models import AlertEvent, Run
+from workers.planner import handle_event, plan_rule
+from workers.reconciler import reconcile
+from workers.settings import Settings
+
+CONFIG = make_config()
+
+
+def plan(rule: str, **labels: str) -> object:
+    alertname = {
+        "probe-http": "ResponderProbe",
+        "probe-command": "ResponderCommand",
+        "probe-dry": "ResponderDry",
+    }[rule]
+    found = CONFIG.rule(rule)
+    assert found is not None
+    return plan_rule(found, alert_of(alert_payload(alertname, **labels)), CONFIG)
+
+
+def test_http_rule_renders_and_queues() -> None:
+    """The probe rule renders its URL and JSON body from labels and is queued."""
+    p = plan("probe-http", instance="host1:9100")
+    assert p.status == "queued"  # type: ignore[attr-defined]
+    assert p.params["url"] == "http://127.0.0.1:15101/hook/host1:9100"  # type: ignore[attr-defined]
+    assert p.params["json"] == {"alert": "ResponderProbe", "instance": "host1:9100"}  # type: ignore[attr-defined]
+    assert p.timeout_s == 10.0  # type: ignore[attr-defined]
+
+
+def test_dry_run_is_skipped_with_checked_params() -> None:
+    """A dry-run rule records rendered, validated, allowlist-checked params and runs nothing."""
+    p = plan("probe-dry")
+    assert (p.status, p.skip_reason) == ("skipped", "dry_run")  # type: ignore[attr-defined]
+    assert p.preflight == {"url": "http://127.0.0.1:15101/dry", "method": "POST"}  # type: ignore[attr-defined]
+
+
+def test_command_rule_preflight_shows_argv() -> None:
+    """A command rule's plan shows the exact argv it would run."""
+    assert plan("probe-command", instance="h1").preflight == {"argv": ["/bin/echo", "restarting", "h1"]}  # type: ignore[attr-defined]
+
+
+def test_render_validation_and_refusal_errors_are_failed_plans() -> None:
+    """Missing labels, invalid params and refused URLs give failed plans that say why."""
+    missing = make_config(
+        rules=[
+            {
+                "name": "m",
+                "match": ['alertname="M"'],
+                "remediation": "http_request",
+                "params": {"url": "http://127.0.0.1:1/{{ labels.nope }}"},
+            }
+        ]
+    )
+    rule = missing.rule("m")
+    assert rule is not None
+    failed = plan_rule(rule, alert_of(alert_payload("M")), missing)
+    assert failed.status == "failed" and failed.error and failed.error.startswith("render:")
+    invalid = make_config(
+        rules=[
+            {
+                "name": "v",
+                "match": ['alertname="V"'],
+                "remediation": "http_request",
+                "params": {"url": "http://127.0.0.1:1/", "timeout": "{{ labels.job }}"},
+            }
+        ]
+    )
+    rule = invalid.rule("v")
+    assert rule is not None
+    failed = plan_rule(rule, alert_of(alert_payload("V")), invalid)
+    assert failed.status == "failed" and "params.timeout" in (failed.error or "")
+    hostile = make_config(
+        rules=[
+            {
+                "name": "h",
+                "match": ['alertname="H"'],
+                "remediation": "http_request",
+                "params": {"url": "http://{{ labels.instance }}/x"},
+            }
+        ]
+    )
+    rule = hostile.rule("h")
+    assert rule is not None
+    for instance in ("127.0.0.1:1@evil", "evil#", "evil.example"):
+        refused = plan_rule(rule, alert_of(alert_payload("H", instance=instance)), hostile)
+        assert refused.status == "failed" and (refused.error or "").startswith("refused:")
+
+
+def _record(url: str, raw: dict[str, object]) -> str:
+    p = WebhookPayload.model_validate(raw)
+    with transaction(url) as session:
+        return repository.record_events(session, p.alerts, receiver="r", group_key="g")[0].event_id
+
+
+def test_handle_event_creates_runs_once(sqlite_url: str) -> None:
+    """A firing event plans one run per matching rule, once however often it is handled."""
+    settings = Settings(database_url=sqlite_url)
+    publisher = RecordingPublisher(settings)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    created = handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher)
+    assert len(created) == 1 and [r[0] for r in publisher.runs] == created
+    assert handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher) == []
+    with transaction(sqlite_url) as session:
+        runs = session.scalars(select(Run)).all()
+        event = session.get(AlertEvent, event_id)
+        assert [r.status for r in runs] == ["queued"] and runs[0].enqueued_at is not None
+        assert event is not None and event.handled_at is not None and event.matched_rules == 1
+
+
+def test_resolved_event_creates_no_run(sqlite_url: str) -> None:
+    """A resolved event is marked handled with its match count and runs nothing."""
+    settings = Settings(database_url=sqlite_url)
+    publisher = RecordingPublisher(settings)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe", status="resolved"))
+    assert handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher) == []
+    with transaction(sqlite_url) as session:
+        event = session.get(AlertEvent, event_id)
+        assert event is not None and event.matched_rules == 1 and event.handled_at is not None
+        assert session.scalars(select(Run)).all() == []
+    assert publisher.runs == []
+
+
+def test_unpublished_runs_and_events_are_reconciled(sqlite_url: str) -> None:
+    """What the broker did not take is published by the reconciler later, once."""
+    settings = Settings(database_url=sqlite_url, reconcile_after_s=0)
+    down = RecordingPublisher(settings, fail=True)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=down)
+    with transaction(sqlite_url) as session:
+        assert session.scalars(select(Run.enqueued_at)).all() == [None]
+    up = RecordingPublisher(settings)
+    done = reconcile(settings=settings, publisher=up)
+    assert (done.events, done.runs) == (1, 1)
+    assert up.alerts == [event_id] and len(up.runs) == 1
+    assert reconcile(settings=settings, publisher=up) == type(done)(events=0, runs=0)

@@ -1,0 +1,273 @@
+"""The receiver's HTTP contract: auth, limits, validation, durable 202, 503, the runs API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from receiver.app import create_app
+from receiver.deps import get_publisher
+from tests.conftest import FIXTURES
+from tests.unit.helpers import RecordingPublisher, alert_payload
+from workers.ledger import repository
+from workers.ledger.db import transaction
+from workers.ledger.models import AlertEvent
+from workers.settings import Settings, get_settings
+
+INGEST = {"Authorization": "Bearer ingest-secret-1"}
+OPERATOR = {"Authorization": "Bearer operator-secret-1"}
+
+
+def make_client(settings: Settings, publisher: RecordingPublisher) -> TestClient:
+    app = create_app()
+    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[get_publisher] = lambda: publisher
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def settings(sqlite_url: str) -> Settings:
+    return Settings(
+        database_url=sqlite_url,
+        ingest_tokens="ingest-secret-1,ingest-secret-2",
+        operator_tokens="operator-secret-1",
+        max_body_bytes=64 * 1024,
+    )
+
+
+@pytest.fixture
+def publisher(settings: Settings) -> RecordingPublisher:
+    return RecordingPublisher(settings)
+
+
+@pytest.fixture
+def client(settings: Settings, publisher: RecordingPublisher) -> Iterator[TestClient]:
+    with make_client(settings, publisher) as c:
+        yield c
+
+
+def body(name: str = "single_firing.json") -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+def test_healthz_needs_no_auth(client: TestClient) -> None:
+    """GET /healthz answers 200 without a token."""
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "code"),
+    [
+        ({}, 401, "unauthorized"),
+        ({"Authorization": "Bearer nope"}, 401, "unauthorized"),
+        ({"Authorization": "Basic aW5nZXN0LXNlY3JldC0xOg=="}, 401, "unauthorized"),
+        (OPERATOR, 403, "forbidden"),
+    ],
+)
+def test_ingest_auth(client: TestClient, headers: dict[str, str], status: int, code: str) -> None:
+    """Missing or unknown tokens get 401, a token of the wrong scope 403; the body names no secret."""
+    response = client.post("/api/v1/alertmanager", content=body(), headers=headers)
+    assert response.status_code == status
+    assert response.json()["error"] == code
+    assert "secret" not in response.text
+
+
+def test_runs_need_operator_scope(client: TestClient) -> None:
+    """An ingest token cannot read runs."""
+    assert client.get("/api/v1/runs", headers=INGEST).status_code == 403
+    assert client.get("/api/v1/runs").status_code == 401
+
+
+def test_accepts_then_reports_duplicates(client: TestClient, publisher: RecordingPublisher) -> None:
+    """202 per alert: accepted the first time, duplicate after; only new events are published."""
+    first = client.post("/api/v1/alertmanager", content=body("group3_firing.json"), headers=INGEST)
+    assert first.status_code == 202
+    alerts = first.json()["alerts"]
+    assert [a["result"] for a in alerts] == ["accepted"] * 3
+    assert set(alerts[0]) == {"fingerprint", "starts_at", "status", "result", "event_id"}
+    again = client.post(
+        "/api/v1/alertmanager",
+        content=body("group3_firing.json"),
+        headers={"Authorization": "Bearer ingest-secret-2"},
+    )
+    assert [a["result"] for a in again.json()["alerts"]] == ["duplicate"] * 3
+    assert [a["event_id"] for a in again.json()["alerts"]] == [a["event_id"] for a in alerts]
+    assert publisher.alerts == [a["event_id"] for a in alerts]
+
+
+def test_mixed_group_is_handled_per_alert(client: TestClient) -> None:
+    """A partially resolved group records each alert under its own status."""
+    client.post("/api/v1/alertmanager", content=body("group3_firing.json"), headers=INGEST)
+    response = client.post(
+        "/api/v1/alertmanager", content=body("group3_partial_resolved.json"), headers=INGEST
+    )
+    results = {(a["status"], a["result"]) for a in response.json()["alerts"]}
+    assert ("resolved", "accepted") in results and ("firing", "duplicate") in results
+
+
+def test_truncated_alerts_are_reported(client: TestClient) -> None:
+    """truncatedAlerts is echoed and counted in the metrics."""
+    response = client.post(
+        "/api/v1/alertmanager", content=body("truncated_max_alerts_2.json"), headers=INGEST
+    )
+    assert response.json()["truncated_alerts"] == 1
+    assert "responder_alerts_truncated_total 1.0" in client.get("/metrics").text
+
+
+def test_body_limit(client: TestClient, settings: Settings) -> None:
+    """Over the limit is 413, by Content-Length or while streaming."""
+    big = b"{" + b" " * settings.max_body_bytes + b"}"
+    assert client.post("/api/v1/alertmanager", content=big, headers=INGEST).status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(settings.max_body_bytes // 1024 + 2):
+            yield b" " * 1024
+
+    response = client.post("/api/v1/alertmanager", content=chunks(), headers=INGEST)
+    assert response.status_code == 413 and response.json()["error"] == "payload_too_large"
+
+
+def test_default_limit_takes_a_large_group(sqlite_url: str, publisher: RecordingPublisher) -> None:
+    """The 4 MiB default accepts a 1,000-alert group with 10,000-character labels' neighbours."""
+    settings = Settings(database_url=sqlite_url, ingest_tokens="ingest-secret-1")
+    raw = json.loads(body())
+    template = raw["alerts"][0]
+    raw["alerts"] = [
+        {
+            **template,
+            "fingerprint": f"{i:016x}",
+            "labels": {**template["labels"], "i": str(i), "big": "x" * 3000},
+        }
+        for i in range(1000)
+    ]
+    payload = json.dumps(raw).encode()
+    assert len(payload) > 3_000_000
+    with make_client(settings, publisher) as c:
+        response = c.post("/api/v1/alertmanager", content=payload, headers=INGEST)
+    assert response.status_code == 202 and len(response.json()["alerts"]) == 1000
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (b"not json", None),
+        (b'{"version": "4", "status": "firing"}', "alerts"),
+        (json.dumps({**json.loads(body()), "version": "3"}).encode(), "version"),
+        (
+            body().replace(b'"status": "firing",\n      "labels"', b'"status": "exploded",\n      "labels"'),
+            "status",
+        ),
+        (body().replace(b"2026-11-23T05:02:19.803814981Z", b"yesterday"), "startsAt"),
+    ],
+)
+def test_invalid_payload_is_422_with_field_errors(
+    client: TestClient, content: bytes, field: str | None
+) -> None:
+    """A malformed body gets 422 and says which field is wrong, without echoing input."""
+    response = client.post("/api/v1/alertmanager", content=content, headers=INGEST)
+    assert response.status_code == 422
+    data = response.json()
+    assert data["error"] == "invalid_payload"
+    if field:
+        assert any(field in e["loc"] for e in data["detail"])
+    assert all("input" not in e for e in data["detail"])
+
+
+def test_unknown_keys_are_accepted(client: TestClient) -> None:
+    """Fields a newer Alertmanager adds do not cause a 4xx (which would be final)."""
+    raw = json.loads(body())
+    raw["somethingNew"] = [1, 2]
+    raw["alerts"][0]["alsoNew"] = True
+    assert client.post("/api/v1/alertmanager", json=raw, headers=INGEST).status_code == 202
+
+
+def test_broker_down_still_202_and_left_for_reconciler(settings: Settings) -> None:
+    """With the broker down the alert is recorded, 202 is answered, and it stays unenqueued."""
+    with make_client(settings, RecordingPublisher(settings, fail=True)) as c:
+        response = c.post("/api/v1/alertmanager", content=body(), headers=INGEST)
+    assert response.status_code == 202
+    with transaction(settings.database_url) as session:
+        events = session.scalars(select(AlertEvent)).all()
+        assert len(events) == 1 and events[0].enqueued_at is None
+
+
+def test_ledger_unreachable_is_503_without_secrets(tmp_path: Path, publisher: RecordingPublisher) -> None:
+    """When the ledger cannot record, 503 (Alertmanager retries) and nothing secret in the body."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/no/such/dir/ledger.db",
+        ingest_tokens="ingest-secret-1",
+    )
+    with make_client(settings, publisher) as c:
+        response = c.post("/api/v1/alertmanager", content=body(), headers=INGEST)
+    assert response.status_code == 503
+    assert response.json()["error"] == "ledger_unavailable"
+    assert "secret" not in response.text and str(tmp_path) not in response.text
+    assert publisher.alerts == []
+
+
+def _seed_runs(url: str) -> None:
+    with transaction(url) as session:
+        for rule, status, params in (
+            (
+                "r1",
+                "succeeded",
+                {"url": "http://x/", "headers": {"Authorization": "Bearer s3cr3t"}, "api_key": "k"},
+            ),
+            ("r2", "failed", {"command": "c"}),
+        ):
+            repository.insert_run(
+                session,
+                {
+                    "fingerprint": f"fp-{rule}",
+                    "starts_at": "2026-11-23T05:02:19.000000000Z",
+                    "rule": rule,
+                    "remediation": "http_request",
+                    "params": params,
+                    "timeout_s": 1.0,
+                    "mode": "enforce",
+                    "trigger": "alert",
+                    "status": status,
+                },
+            )
+
+
+def test_runs_api_filters_newest_first_and_redacts(client: TestClient, settings: Settings) -> None:
+    """GET /api/v1/runs filters by status, rule, remediation, fingerprint; secrets are redacted."""
+    _seed_runs(settings.database_url)
+    runs = client.get("/api/v1/runs", headers=OPERATOR).json()["runs"]
+    assert [r["rule"] for r in runs] == ["r2", "r1"]
+    assert client.get("/api/v1/runs?status=failed", headers=OPERATOR).json()["runs"][0]["rule"] == "r2"
+    assert client.get("/api/v1/runs?rule=r1", headers=OPERATOR).json()["runs"][0]["status"] == "succeeded"
+    assert client.get("/api/v1/runs?fingerprint=fp-r2", headers=OPERATOR).json()["runs"][0]["rule"] == "r2"
+    assert client.get("/api/v1/runs?remediation=run_command", headers=OPERATOR).json()["runs"] == []
+    r1 = client.get("/api/v1/runs?rule=r1", headers=OPERATOR).json()["runs"][0]
+    assert r1["params"]["headers"]["Authorization"] == "[REDACTED]"
+    assert r1["params"]["api_key"] == "[REDACTED]" and r1["params"]["url"] == "http://x/"
+    one = client.get(f"/api/v1/runs/{r1['id']}", headers=OPERATOR).json()
+    assert one["id"] == r1["id"] and one["attempts"] == [] and "s3cr3t" not in json.dumps(one)
+    missing = client.get("/api/v1/runs/nope", headers=OPERATOR)
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert client.get("/api/v1/runs?status=exploded", headers=OPERATOR).status_code == 422
+
+
+def test_firing_probe_payload_from_helpers(client: TestClient) -> None:
+    """The helper payload used by integration tests is accepted as is."""
+    assert client.post("/api/v1/alertmanager", json=alert_payload(), headers=INGEST).status_code == 202
+
+
+def test_receiver_imports_no_remediation_code() -> None:
+    """The receiver publishes by task name: importing it loads neither remediations nor tasks."""
+    code = (
+        "import sys, receiver.app; receiver.app.create_app(); "
+        "bad = [m for m in sys.modules if m.startswith(('remediations', 'workers.tasks', 'workers.planner', 'workers.runner'))]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
