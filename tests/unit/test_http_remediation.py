@@ -129,11 +129,13 @@ def test_connection_errors_and_timeouts_are_transient() -> None:
 def test_refused_url_sends_nothing() -> None:
     """A URL off the allowlist fails before any request is made."""
     sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200)
+
     with pytest.raises(PermanentError, match="not on http_allowlist"):
-        http_request(
-            ctx(lambda r: sent.append(r) or httpx.Response(200)),
-            HttpRequestParams(url="http://evil.example/"),
-        )
+        http_request(ctx(record), HttpRequestParams(url="http://evil.example/"))
     assert sent == []
 
 
