@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.stack import Stack
 from workers.dev import EmbeddedRedis
 from workers.ledger.db import dispose_all, make_engine
 from workers.ledger.migrate import upgrade
@@ -114,3 +115,39 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[type[Stack]]:
+    """Builds stacks that are torn down (with their logs printed on failure) after the test."""
+    require(_redis_binary_available(), "redis-server")
+    built: list[Stack] = []
+
+    class _Stack(Stack):
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            built.append(self)
+
+    yield _Stack
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for stack in built:
+        if failed:
+            print(stack.diagnostics())
+        stack.close()
+
+
+@pytest.fixture
+def stack(stack_factory: type[Stack], ledger_url: str, tmp_path: Path) -> Stack:
+    """A running stack (receiver, worker, beat) on the ledger under test."""
+    s = stack_factory(tmp=tmp_path, database_url=ledger_url)
+    s.start_all()
+    return s
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """Expose the call phase's report so fixtures can print logs of a failed test."""
+    report = yield
+    if call.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -59,6 +60,10 @@ def alert_payload(alertname: str = "ResponderProbe", status: str = "firing", **l
     raw: dict[str, Any] = json.loads((FIXTURES / "single_firing.json").read_bytes())
     alert = raw["alerts"][0]
     alert["labels"].update({"alertname": alertname, "severity": "critical", **labels})
+    # Like Alertmanager's: a hash of the label set, so other labels make another alert.
+    alert["fingerprint"] = hashlib.sha256(json.dumps(alert["labels"], sort_keys=True).encode()).hexdigest()[
+        :16
+    ]
     alert["status"] = raw["status"] = status
     if status == "resolved":
         alert["endsAt"] = "2026-11-23T05:10:00Z"

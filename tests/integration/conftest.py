@@ -1,0 +1,1 @@
+"""Integration tests use the stack fixtures of tests/conftest.py."""

@@ -1,0 +1,168 @@
+"""Delivery with real processes: receiver, Celery worker and beat on a real Redis and ledger."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from tests.stack import Stack, wait_for
+from tests.unit.helpers import alert_payload
+from workers.dev import free_port
+from workers.ledger.db import transaction
+from workers.ledger.models import AlertEvent
+
+pytestmark = [pytest.mark.redis]
+
+
+def test_webhook_runs_the_remediation(stack: Stack) -> None:
+    """A matching firing alert calls the endpoint once and shows a succeeded run."""
+    response = stack.post(alert_payload("ResponderProbe", instance="web-1"))
+    assert response.status_code == 202
+    assert response.json()["alerts"][0]["result"] == "accepted"
+    run = stack.wait_run("succeeded", rule="probe-http")
+    call = wait_for(lambda: stack.target.calls, timeout=5, what="the HTTP call")[0]
+    assert (call.method, call.path) == ("POST", "/hook/web-1")
+    assert json.loads(call.body) == {"alert": "ResponderProbe", "instance": "web-1"}
+    assert run["trigger"] == "alert" and run["remediation"] == "http_request"
+    assert [a["outcome"] for a in run["attempts"]] == ["succeeded"]
+    assert run["params"]["url"].endswith("/hook/web-1")
+
+
+def test_command_and_dry_run(stack: Stack) -> None:
+    """A command rule runs echo with the label as one argument; a dry-run rule calls nothing."""
+    stack.post(alert_payload("ResponderCommand", instance="$(reboot)"))
+    stack.post(alert_payload("ResponderDry", instance="db-1"))
+    command = stack.wait_run("succeeded", rule="probe-command")
+    assert command["attempts"][0]["output"]["stdout"] == "restarting $(reboot)\n"
+    dry = stack.wait_run("skipped", rule="probe-dry")
+    assert dry["skip_reason"] == "dry_run" and dry["attempts"] == []
+    assert dry["preflight"]["url"].endswith("/dry")
+    time.sleep(1)
+    assert [c.path for c in stack.target.calls] == []
+
+
+def test_duplicates_and_concurrent_duplicates_run_once(stack: Stack) -> None:
+    """The same alert delivered again and 20 times at once gives one run and one call."""
+    payload = json.dumps(alert_payload("ResponderProbe", instance="dup-1")).encode()
+    assert stack.post(payload).json()["alerts"][0]["result"] == "accepted"
+    assert stack.post(payload).json()["alerts"][0]["result"] == "duplicate"
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda _: stack.post(payload), range(20)))
+    assert [r.status_code for r in responses] == [202] * 20
+    assert {r.json()["alerts"][0]["result"] for r in responses} == {"duplicate"}
+    stack.wait_run("succeeded", rule="probe-http")
+    time.sleep(2)  # time for any second run to show up
+    assert len(stack.runs()) == 1
+    assert len(stack.target.calls) == 1
+
+
+def test_concurrent_first_deliveries_run_once(stack: Stack) -> None:
+    """Twenty simultaneous first deliveries (HA pairs, retries): one accepted, one run."""
+    payload = json.dumps(alert_payload("ResponderProbe", instance="race-1")).encode()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(pool.map(lambda _: stack.post(payload), range(20)))
+    assert [r.status_code for r in responses] == [202] * 20
+    assert sum(r.json()["alerts"][0]["result"] == "accepted" for r in responses) == 1
+    stack.wait_run("succeeded", rule="probe-http")
+    time.sleep(2)
+    assert len(stack.runs()) == 1 and len(stack.target.calls) == 1
+
+
+def test_redis_down_at_intake_then_reconciled(stack: Stack) -> None:
+    """With Redis stopped the webhook still answers 202 fast; after Redis returns the run happens."""
+    stack.redis.stop()
+    started = time.monotonic()
+    response = stack.post(alert_payload("ResponderProbe", instance="outage-1"))
+    elapsed = time.monotonic() - started
+    assert response.status_code == 202
+    assert elapsed < 8, f"webhook took {elapsed:.1f}s with Redis down"
+    with transaction(stack.database_url) as session:
+        event = session.scalars(select(AlertEvent)).one()
+        assert event.enqueued_at is None
+    stack.redis.start()
+    run = stack.wait_run("succeeded", timeout=60, rule="probe-http")
+    assert run["fingerprint"] == response.json()["alerts"][0]["fingerprint"]
+    assert len(stack.target.calls) == 1
+    # Work continues after the broker came back (celery#8030-style stalls would fail here).
+    stack.post(alert_payload("ResponderCommand", instance="after-1"))
+    stack.wait_run("succeeded", timeout=30, rule="probe-command")
+
+
+def test_ledger_unreachable_is_503(stack_factory: type[Stack], ledger_url: str, tmp_path: Path) -> None:
+    """When the ledger cannot be reached the webhook answers 503, quickly, naming no secret."""
+    dead = (
+        f"sqlite:///{tmp_path}/missing-dir/ledger.db"
+        if ledger_url.startswith("sqlite")
+        else f"postgresql+psycopg://responder:hunter2@127.0.0.1:{free_port()}/nope"
+    )
+    stack = stack_factory(tmp=tmp_path, database_url=dead)
+    stack.start_receiver()
+    started = time.monotonic()
+    response = stack.post(alert_payload("ResponderProbe"))
+    assert response.status_code == 503
+    assert time.monotonic() - started < 9
+    assert response.json()["error"] == "ledger_unavailable"
+    assert "hunter2" not in response.text and "hunter2" not in stack.log("receiver")
+
+
+def _pid_of(worker: str) -> int:
+    return int(worker.rsplit(":", 1)[1])
+
+
+def test_worker_killed_mid_run_finishes_once(stack: Stack) -> None:
+    """SIGKILL of the process running a remediation: redelivered, abandoned attempt recorded, done once."""
+    stack.post(alert_payload("ResponderSlow", instance="slow-1"))
+    wait_for(
+        lambda: stack.slow_log.exists() and "start" in stack.slow_log.read_text(),
+        timeout=30,
+        what="the slow command to start",
+    )
+    running = stack.wait_run("running", rule="probe-slow")
+    victim = _pid_of(running["attempts"][0]["worker"])
+    import os
+
+    os.kill(victim, signal.SIGKILL)
+    run = stack.wait_run("succeeded", timeout=60, rule="probe-slow")
+    assert [a["outcome"] for a in run["attempts"]] == ["abandoned", "succeeded"]
+    assert "worker lost" in (run["attempts"][0]["error"] or "")
+    time.sleep(4)  # the killed attempt's command would have finished by now if it survived
+    lines = stack.slow_log.read_text().split()
+    assert lines.count("start") == 2
+    assert lines.count("done") == 1
+
+
+def test_transient_failures_retry_then_fail(stack: Stack) -> None:
+    """A failing endpoint is tried three times, each attempt recorded, then the run fails."""
+    stack.target.status = 503
+    stack.post(alert_payload("ResponderProbe", instance="down-1"))
+    run = stack.wait_run("failed", timeout=60, rule="probe-http")
+    assert [a["outcome"] for a in run["attempts"]] == ["failed"] * 3
+    assert "unexpected status 503" in (run["error"] or "")
+    assert len(stack.target.calls) == 3
+
+
+def test_resolved_alert_runs_nothing(stack: Stack) -> None:
+    """A resolved notification is recorded and handled, and calls nothing."""
+    stack.post(alert_payload("ResponderProbe", status="resolved", instance="gone-1"))
+
+    def handled() -> bool:
+        with transaction(stack.database_url) as session:
+            event = session.scalars(select(AlertEvent)).first()
+            return event is not None and event.handled_at is not None and event.matched_rules == 1
+
+    wait_for(handled, timeout=20, what="the resolved event to be handled")
+    assert stack.runs() == [] and stack.target.calls == []
+
+
+def test_auth_against_the_running_receiver(stack: Stack) -> None:
+    """The real server refuses a wrong token and a wrong scope."""
+    assert stack.post(alert_payload(), token="wrong").status_code == 401
+    assert stack.post(alert_payload(), token="it-operator-token").status_code == 403
+    assert httpx.get(f"{stack.base_url}/api/v1/runs", timeout=5).status_code == 401

@@ -1,0 +1,272 @@
+"""A whole running system for integration and end-to-end tests: real processes, real Redis.
+
+Each stack has its own redis-server (free port, own data dir), ledger, config and target HTTP
+server that records the remediation's calls; receiver, worker and beat are the real commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import yaml
+
+from workers.dev import EmbeddedRedis, free_port
+
+INGEST_TOKEN = "it-ingest-token"
+OPERATOR_TOKEN = "it-operator-token"
+T = TypeVar("T")
+
+
+@dataclass
+class Call:
+    """One request the target server received."""
+
+    method: str
+    path: str
+    body: bytes
+    at: float
+
+
+class TargetServer:
+    """The endpoint remediations call: records every request; answers ``status``."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.status = 200
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                target.calls.append(Call(self.command, self.path, self.rfile.read(length), time.time()))
+                self.send_response(target.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_PUT = _handle
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_for(check: Callable[[], T], *, timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def stack_config(target_port: int, tmp: Path) -> dict[str, Any]:
+    """The issue's compatibility config plus a slow command for the fault tests."""
+    slow = tmp / "slow.sh"
+    slow.write_text('#!/bin/sh\necho start >> "$1"\nsleep 3\necho done >> "$1"\n')
+    slow.chmod(0o755)
+    return {
+        "http_allowlist": ["127.0.0.1:*", "localhost:*"],
+        "commands": {
+            "record_instance": {
+                "argv": ["/bin/echo", "restarting", "{{ labels.instance }}"],
+                "timeout": "10s",
+            },
+            "slow": {"argv": ["/bin/sh", str(slow), str(tmp / "slow.log")], "timeout": "20s"},
+        },
+        "rules": [
+            {
+                "name": "probe-http",
+                "match": ['alertname="ResponderProbe"', 'severity=~"page|critical"'],
+                "remediation": "http_request",
+                "params": {
+                    "url": f"http://127.0.0.1:{target_port}/hook/{{{{ labels.instance }}}}",
+                    "method": "POST",
+                    "json": {"alert": "{{ labels.alertname }}", "instance": "{{ labels.instance }}"},
+                    "expected_status": [200, 204],
+                },
+            },
+            {
+                "name": "probe-command",
+                "match": ['alertname="ResponderCommand"'],
+                "remediation": "run_command",
+                "params": {"command": "record_instance"},
+            },
+            {
+                "name": "probe-dry",
+                "match": ['alertname="ResponderDry"'],
+                "remediation": "http_request",
+                "mode": "dry_run",
+                "params": {"url": f"http://127.0.0.1:{target_port}/dry"},
+            },
+            {
+                "name": "probe-slow",
+                "match": ['alertname="ResponderSlow"'],
+                "remediation": "run_command",
+                "params": {"command": "slow"},
+            },
+        ],
+    }
+
+
+@dataclass
+class Stack:
+    """Receiver, worker and beat on a private Redis and the given ledger."""
+
+    tmp: Path
+    database_url: str
+    redis: EmbeddedRedis = field(init=False)
+    target: TargetServer = field(init=False)
+    port: int = field(init=False)
+    env: dict[str, str] = field(init=False)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.redis = EmbeddedRedis(self.tmp / "redis")
+        self.redis.start()
+        self.target = TargetServer()
+        self.port = free_port()
+        config = self.tmp / "responder.yaml"
+        config.write_text(yaml.safe_dump(stack_config(self.target.port, self.tmp)))
+        self.env = {
+            **os.environ,
+            "RESPONDER_REDIS_URL": self.redis.url,
+            "RESPONDER_DATABASE_URL": self.database_url,
+            "RESPONDER_CONFIG": str(config),
+            "RESPONDER_INGEST_TOKENS": INGEST_TOKEN,
+            "RESPONDER_OPERATOR_TOKENS": OPERATOR_TOKEN,
+            "RESPONDER_LOG_FORMAT": "json",
+            "RESPONDER_RECONCILE_INTERVAL_S": "1",
+            "RESPONDER_RECONCILE_AFTER_S": "1",
+            "RESPONDER_RETRY_BACKOFF_S": "0.2",
+        }
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def slow_log(self) -> Path:
+        return self.tmp / "slow.log"
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``responder <args>`` with its output in ``<tmp>/<name>.log``."""
+        log = (self.tmp / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *args],
+            env=env or self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start_receiver(self, env: dict[str, str] | None = None) -> None:
+        proc = self.start("receiver", "serve", "--host", "127.0.0.1", "--port", str(self.port), env=env)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"receiver exited {proc.returncode}:\n{self.log('receiver')}")
+            try:
+                return httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout=20, what="the receiver")
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+        before = self.log(name).count(" ready.")
+        proc = self.start(name, "worker", "--concurrency", "1", "--without-mingle", "--without-gossip")
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"worker exited {proc.returncode}:\n{self.log(name)}")
+            return self.log(name).count(" ready.") > before
+
+        wait_for(ready, timeout=30, what="the worker")
+        return proc
+
+    def start_all(self) -> None:
+        self.start_receiver()
+        self.start_worker()
+        self.start("beat", "beat")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        self.redis.stop()
+        self.target.close()
+
+    def post(
+        self, payload: dict[str, Any] | bytes, token: str = INGEST_TOKEN, timeout: float = 15
+    ) -> httpx.Response:
+        content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return httpx.post(
+            f"{self.base_url}/api/v1/alertmanager",
+            content=content,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            timeout=timeout,
+        )
+
+    def runs(self, **filters: str) -> list[dict[str, Any]]:
+        response = httpx.get(
+            f"{self.base_url}/api/v1/runs",
+            params=filters,
+            headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+            timeout=10,
+        )
+        response.raise_for_status()
+        runs: list[dict[str, Any]] = response.json()["runs"]
+        return runs
+
+    def wait_run(self, status: str, timeout: float = 30, **filters: str) -> dict[str, Any]:
+        """Wait until a run matching ``filters`` has ``status``; returns it."""
+
+        def done() -> dict[str, Any] | None:
+            return next((r for r in self.runs(**filters) if r["status"] == status), None)
+
+        return wait_for(done, timeout=timeout, what=f"a {status} run {filters}")
+
+    def diagnostics(self) -> str:
+        return "\n".join(
+            f"===== {name}.log =====\n{self.log(name)[-6000:]}"
+            for name in ("receiver", "worker", "beat", "worker2")
+        )
