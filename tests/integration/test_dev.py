@@ -1,0 +1,85 @@
+"""`responder dev`: the whole system from one command, as `make dev` runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import _redis_binary_available, require
+from tests.stack import wait_for
+from tests.unit.helpers import alert_payload
+from workers.dev import free_port
+
+pytestmark = [pytest.mark.redis]
+
+
+def test_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
+    """dev starts Redis, migrates, prints generated tokens once, handles an alert, stops on Ctrl-C."""
+    require(_redis_binary_available(), "redis-server")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESPONDER_")}
+    env["RESPONDER_LOG_FORMAT"] = "json"
+    out = (tmp_path / "dev.out").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "dev",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path / "dev"),
+        ],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        text = lambda: (tmp_path / "dev.out").read_text(errors="replace")  # noqa: E731
+        wait_for(lambda: "operator token:" in text(), timeout=30, what="the dev banner")
+        ingest = re.search(r"ingest token:\s+(\S+)", text())
+        operator = re.search(r"operator token:\s+(\S+)", text())
+        redis_url = re.search(r"redis:\s+(\S+)", text())
+        assert ingest and operator and redis_url
+        base = f"http://127.0.0.1:{port}"
+
+        def posted() -> httpx.Response | None:
+            try:
+                return httpx.post(
+                    f"{base}/api/v1/alertmanager",
+                    content=json.dumps(alert_payload("ResponderCommand", instance="dev-1")),
+                    headers={"Authorization": f"Bearer {ingest[1]}"},
+                    timeout=5,
+                )
+            except httpx.TransportError:
+                return None
+
+        assert wait_for(posted, timeout=30, what="the receiver").status_code == 202
+
+        def succeeded() -> bool:
+            runs = httpx.get(
+                f"{base}/api/v1/runs", headers={"Authorization": f"Bearer {operator[1]}"}, timeout=5
+            ).json()["runs"]
+            return bool(runs) and runs[0]["status"] == "succeeded"
+
+        wait_for(succeeded, timeout=60, what="the run to succeed")
+        assert text().count("ingest token:") == 1
+        assert (tmp_path / "dev" / "ledger.db").exists()
+        assert (tmp_path / "dev" / "redis" / "redis.log").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=40)
+        out.close()
+    assert code == 0, text()[-4000:]
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(redis_url[1], socket_connect_timeout=1).ping()

@@ -1,0 +1,53 @@
+"""docker-compose.yml is a valid compose file (validated by docker-compose, no daemon needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import require
+
+
+def test_compose_file_is_valid() -> None:
+    """`docker-compose config -q` accepts the file with the required tokens set."""
+    require(shutil.which("docker-compose") is not None, "docker-compose")
+    env = {**os.environ, "RESPONDER_INGEST_TOKENS": "t1", "RESPONDER_OPERATOR_TOKENS": "t2"}
+    result = subprocess.run(
+        ["docker-compose", "config", "-q"], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_has_every_service_and_safe_redis() -> None:
+    """The stack has every part, Redis keeps its queue (AOF, noeviction), tokens are required."""
+    text = Path("docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    assert set(compose["services"]) == {
+        "redis",
+        "postgres",
+        "migrate",
+        "receiver",
+        "worker",
+        "beat",
+        "alertmanager",
+        "prometheus",
+    }
+    redis_cmd = compose["services"]["redis"]["command"]
+    assert "--appendonly" in redis_cmd and "noeviction" in redis_cmd
+    assert "RESPONDER_INGEST_TOKENS:?" in text
+
+
+def test_alertmanager_config_is_valid() -> None:
+    """The shipped Alertmanager config passes amtool's check."""
+    require(shutil.which("amtool") is not None, "amtool")
+    result = subprocess.run(
+        ["amtool", "check-config", "deploy/alertmanager/alertmanager.yml"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

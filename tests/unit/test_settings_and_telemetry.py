@@ -1,0 +1,63 @@
+"""Settings from the environment, redaction, and log context handling."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import structlog
+
+from workers import telemetry
+from workers.settings import Settings, get_settings
+
+
+def test_tokens_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RESPONDER_*_TOKENS are comma-separated lists, not JSON."""
+    monkeypatch.setenv("RESPONDER_INGEST_TOKENS", " a1, b2 ,,c3")
+    monkeypatch.setenv("RESPONDER_OPERATOR_TOKENS", "op")
+    settings = get_settings()
+    assert [t.get_secret_value() for t in settings.ingest_tokens] == ["a1", "b2", "c3"]
+    assert "a1" not in repr(settings)
+
+
+def test_defaults() -> None:
+    """SQLite ledger by default, a 4 MiB body limit, three attempts."""
+    settings = Settings()
+    assert settings.is_sqlite and settings.max_body_bytes == 4 * 1024 * 1024 and settings.max_attempts == 3
+
+
+def test_redact_by_key() -> None:
+    """Values of secret-named keys are replaced at any depth; other values stay."""
+    data = {
+        "url": "u",
+        "headers": {"Authorization": "Bearer x", "X-Api-Key": "k"},
+        "items": [{"password": "p", "n": 1}],
+    }
+    assert telemetry.redact(data) == {
+        "url": "u",
+        "headers": {"Authorization": "[REDACTED]", "X-Api-Key": "[REDACTED]"},
+        "items": [{"password": "[REDACTED]", "n": 1}],
+    }
+
+
+def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    """Services log JSON lines carrying the bound keys; secret-named fields are redacted."""
+    telemetry.configure_logging(fmt="json", level="INFO")
+    try:
+        telemetry.clear()
+        telemetry.bind(run_id="r1", rule="probe")
+        telemetry.get_logger("t").info("remediation_succeeded", token="abc", params={"password": "p"})
+        logging.getLogger("celery.x").warning("stdlib line")
+        telemetry.clear()
+        telemetry.get_logger("t").info("after_clear")
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    import json
+
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    first, stdlib, cleared = lines
+    assert first["event"] == "remediation_succeeded" and first["run_id"] == "r1" and first["rule"] == "probe"
+    assert first["token"] == "[REDACTED]" and first["params"] == {"password": "[REDACTED]"}
+    assert stdlib["event"] == "stdlib line" and stdlib["run_id"] == "r1"
+    assert "run_id" not in cleared
