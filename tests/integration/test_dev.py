@@ -45,7 +45,10 @@ def test_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        text = lambda: (tmp_path / "dev.out").read_text(errors="replace")  # noqa: E731
+
+        def text() -> str:
+            return (tmp_path / "dev.out").read_text(errors="replace")
+
         wait_for(lambda: "operator token:" in text(), timeout=30, what="the dev banner")
         ingest = re.search(r"ingest token:\s+(\S+)", text())
         operator = re.search(r"operator token:\s+(\S+)", text())
@@ -80,6 +83,6 @@ def test_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=40)
         out.close()
-    assert code == 0, text()[-4000:]
+    assert code == 0, (tmp_path / "dev.out").read_text(errors="replace")[-4000:]
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(redis_url[1], socket_connect_timeout=1).ping()
