@@ -17,7 +17,6 @@ from workers.ledger.db import dispose_all, make_engine
 from workers.ledger.migrate import upgrade
 from workers.settings import get_settings
 
-FIXTURES = Path(__file__).parent / "fixtures" / "alertmanager"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get(
     "RESPONDER_TEST_PG_URL", "postgresql+psycopg://responder:responder@127.0.0.1:5432/postgres"

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
+from tests.helpers import compat_config
 from workers.dev import EmbeddedRedis, free_port
 
 INGEST_TOKEN = "it-ingest-token"
@@ -87,48 +88,19 @@ def stack_config(target_port: int, tmp: Path) -> dict[str, Any]:
     slow = tmp / "slow.sh"
     slow.write_text('#!/bin/sh\necho start >> "$1"\nsleep 3\necho done >> "$1"\n')
     slow.chmod(0o755)
-    return {
-        "http_allowlist": ["127.0.0.1:*", "localhost:*"],
-        "commands": {
-            "record_instance": {
-                "argv": ["/bin/echo", "restarting", "{{ labels.instance }}"],
-                "timeout": "10s",
-            },
-            "slow": {"argv": ["/bin/sh", str(slow), str(tmp / "slow.log")], "timeout": "20s"},
-        },
-        "rules": [
-            {
-                "name": "probe-http",
-                "match": ['alertname="ResponderProbe"', 'severity=~"page|critical"'],
-                "remediation": "http_request",
-                "params": {
-                    "url": f"http://127.0.0.1:{target_port}/hook/{{{{ labels.instance }}}}",
-                    "method": "POST",
-                    "json": {"alert": "{{ labels.alertname }}", "instance": "{{ labels.instance }}"},
-                    "expected_status": [200, 204],
-                },
-            },
-            {
-                "name": "probe-command",
-                "match": ['alertname="ResponderCommand"'],
-                "remediation": "run_command",
-                "params": {"command": "record_instance"},
-            },
-            {
-                "name": "probe-dry",
-                "match": ['alertname="ResponderDry"'],
-                "remediation": "http_request",
-                "mode": "dry_run",
-                "params": {"url": f"http://127.0.0.1:{target_port}/dry"},
-            },
+    config = compat_config(
+        target_port,
+        [
             {
                 "name": "probe-slow",
                 "match": ['alertname="ResponderSlow"'],
                 "remediation": "run_command",
                 "params": {"command": "slow"},
-            },
+            }
         ],
-    }
+    )
+    config["commands"]["slow"] = {"argv": ["/bin/sh", str(slow), str(tmp / "slow.log")], "timeout": "20s"}
+    return config
 
 
 @dataclass

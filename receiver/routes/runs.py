@@ -6,13 +6,13 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from receiver.deps import RequireOperator, SettingsDep
 from receiver.errors import ApiError
 from workers.ledger import repository
 from workers.ledger.db import transaction
-from workers.ledger.models import Attempt, Run
+from workers.ledger.models import Run
 from workers.telemetry import redact
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[RequireOperator])
@@ -20,8 +20,13 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[RequireOp
 RunStatus = Literal["queued", "running", "succeeded", "failed", "skipped"]
 
 
+Redacted = Annotated[dict[str, Any] | None, AfterValidator(redact)]
+
+
 class AttemptOut(BaseModel):
     """One attempt of a run."""
+
+    model_config = ConfigDict(from_attributes=True)
 
     number: int
     started_at: datetime
@@ -29,35 +34,24 @@ class AttemptOut(BaseModel):
     outcome: str
     error: str | None
     worker: str
-    output: dict[str, Any] | None
-
-    @classmethod
-    def of(cls, attempt: Attempt) -> AttemptOut:
-        """From the ledger row, secrets redacted."""
-        return cls(
-            number=attempt.number,
-            started_at=attempt.started_at,
-            ended_at=attempt.ended_at,
-            outcome=attempt.outcome,
-            error=attempt.error,
-            worker=attempt.worker,
-            output=redact(attempt.output),
-        )
+    output: Redacted
 
 
 class RunOut(BaseModel):
     """A run with its attempts; params are the rendered ones, secret-named values redacted."""
 
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     rule: str | None
     remediation: str
-    params: dict[str, Any]
-    preflight: dict[str, Any] | None
+    params: Annotated[dict[str, Any], AfterValidator(redact)]
+    preflight: Redacted
     mode: str
     status: str
     skip_reason: str | None
     error: str | None
-    result: dict[str, Any] | None
+    result: Redacted
     fingerprint: str | None
     starts_at: str | None
     event_id: str | None
@@ -67,31 +61,6 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: list[AttemptOut]
-
-    @classmethod
-    def of(cls, run: Run) -> RunOut:
-        """From the ledger row, secrets redacted."""
-        return cls(
-            id=run.id,
-            rule=run.rule,
-            remediation=run.remediation,
-            params=redact(run.params),
-            preflight=redact(run.preflight),
-            mode=run.mode,
-            status=run.status,
-            skip_reason=run.skip_reason,
-            error=run.error,
-            result=redact(run.result),
-            fingerprint=run.fingerprint,
-            starts_at=run.starts_at,
-            event_id=run.event_id,
-            trigger=run.trigger,
-            created_at=run.created_at,
-            updated_at=run.updated_at,
-            started_at=run.started_at,
-            finished_at=run.finished_at,
-            attempts=[AttemptOut.of(a) for a in run.attempts],
-        )
 
 
 class RunList(BaseModel):
@@ -114,7 +83,7 @@ def list_runs(
         status=status, rule=rule, remediation=remediation, fingerprint=fingerprint, limit=limit
     )
     with transaction(settings.database_url) as session:
-        return RunList(runs=[RunOut.of(run) for run in repository.list_runs(session, filters)])
+        return RunList(runs=[RunOut.model_validate(run) for run in repository.list_runs(session, filters)])
 
 
 @router.get("/{run_id}")
@@ -124,4 +93,4 @@ def get_run(run_id: str, settings: SettingsDep) -> RunOut:
         run = session.get(Run, run_id)
         if run is None:
             raise ApiError(404, "not_found", f"no run {run_id!r}")
-        return RunOut.of(run)
+        return RunOut.model_validate(run)

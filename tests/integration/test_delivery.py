@@ -12,8 +12,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from tests.helpers import alert_payload
 from tests.stack import Stack, wait_for
-from tests.unit.helpers import alert_payload
 from workers.dev import free_port
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent

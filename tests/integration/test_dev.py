@@ -15,8 +15,8 @@ import pytest
 import redis
 
 from tests.conftest import _redis_binary_available, require
+from tests.helpers import alert_payload
 from tests.stack import wait_for
-from tests.unit.helpers import alert_payload
 from workers.dev import free_port
 
 pytestmark = [pytest.mark.redis]

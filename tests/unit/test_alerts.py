@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from workers.alerts import Alert, WebhookPayload, canonical_time
 
 PAYLOADS = sorted(p for p in FIXTURES.glob("*.json") if not p.name.startswith("headers_"))

@@ -10,8 +10,7 @@ import yaml
 from click.testing import CliRunner
 from sqlalchemy import inspect
 
-from tests.conftest import FIXTURES
-from tests.unit.helpers import alert_payload
+from tests.helpers import FIXTURES, alert_payload
 from workers.cli import main
 from workers.ledger.db import get_engine
 

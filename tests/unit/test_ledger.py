@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
 from workers.ledger.db import get_engine, transaction

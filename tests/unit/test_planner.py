@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from tests.unit.helpers import RecordingPublisher, alert_of, alert_payload, make_config
+from tests.helpers import RecordingPublisher, alert_of, alert_payload, make_config
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
 from workers.ledger.db import transaction

@@ -14,8 +14,7 @@ from sqlalchemy import select
 
 from receiver.app import create_app
 from receiver.deps import get_publisher
-from tests.conftest import FIXTURES
-from tests.unit.helpers import RecordingPublisher, alert_payload
+from tests.helpers import FIXTURES, RecordingPublisher, alert_payload
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent

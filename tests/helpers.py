@@ -4,55 +4,60 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
-from tests.conftest import FIXTURES
 from workers.alerts import Alert
 from workers.config import ResponderConfig, parse_config
 from workers.publishing import Publisher, PublishError
 from workers.settings import Settings
 
+FIXTURES = Path(__file__).parent / "fixtures" / "alertmanager"
 
-def make_config(port: int = 15101, **extra_rules: Any) -> ResponderConfig:
-    """The issue's compatibility config, aimed at ``port``."""
-    return parse_config(
-        {
-            "http_allowlist": ["127.0.0.1:*", "localhost:*"],
-            "commands": {
-                "record_instance": {
-                    "argv": ["/bin/echo", "restarting", "{{ labels.instance }}"],
-                    "timeout": "10s",
-                }
+
+def compat_config(port: int = 15101, extra_rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The issue's compatibility config as YAML data, its HTTP rules aimed at ``port``."""
+    return {
+        "http_allowlist": ["127.0.0.1:*", "localhost:*"],
+        "commands": {
+            "record_instance": {
+                "argv": ["/bin/echo", "restarting", "{{ labels.instance }}"],
+                "timeout": "10s",
+            }
+        },
+        "rules": [
+            {
+                "name": "probe-http",
+                "match": ['alertname="ResponderProbe"', 'severity=~"page|critical"'],
+                "remediation": "http_request",
+                "params": {
+                    "url": f"http://127.0.0.1:{port}/hook/{{{{ labels.instance }}}}",
+                    "method": "POST",
+                    "json": {"alert": "{{ labels.alertname }}", "instance": "{{ labels.instance }}"},
+                    "expected_status": [200, 204],
+                },
             },
-            "rules": [
-                {
-                    "name": "probe-http",
-                    "match": ['alertname="ResponderProbe"', 'severity=~"page|critical"'],
-                    "remediation": "http_request",
-                    "params": {
-                        "url": f"http://127.0.0.1:{port}/hook/{{{{ labels.instance }}}}",
-                        "method": "POST",
-                        "json": {"alert": "{{ labels.alertname }}", "instance": "{{ labels.instance }}"},
-                        "expected_status": [200, 204],
-                    },
-                },
-                {
-                    "name": "probe-command",
-                    "match": ['alertname="ResponderCommand"'],
-                    "remediation": "run_command",
-                    "params": {"command": "record_instance"},
-                },
-                {
-                    "name": "probe-dry",
-                    "match": ['alertname="ResponderDry"'],
-                    "remediation": "http_request",
-                    "mode": "dry_run",
-                    "params": {"url": f"http://127.0.0.1:{port}/dry"},
-                },
-                *extra_rules.get("rules", []),
-            ],
-        }
-    )
+            {
+                "name": "probe-command",
+                "match": ['alertname="ResponderCommand"'],
+                "remediation": "run_command",
+                "params": {"command": "record_instance"},
+            },
+            {
+                "name": "probe-dry",
+                "match": ['alertname="ResponderDry"'],
+                "remediation": "http_request",
+                "mode": "dry_run",
+                "params": {"url": f"http://127.0.0.1:{port}/dry"},
+            },
+            *(extra_rules or []),
+        ],
+    }
+
+
+def make_config(port: int = 15101, rules: list[dict[str, Any]] | None = None) -> ResponderConfig:
+    """The compatibility config, validated, with ``rules`` appended."""
+    return parse_config(compat_config(port, rules))
 
 
 def alert_payload(alertname: str = "ResponderProbe", status: str = "firing", **labels: str) -> dict[str, Any]:
