@@ -26,8 +26,17 @@ class Reconciled:
 
 
 def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
-    """Re-enqueue events recorded but not enqueued, and queued runs never published."""
-    cutoff = utcnow() - timedelta(seconds=settings.reconcile_after_s)
+    """Re-enqueue events recorded but not enqueued, and queued runs never published.
+
+    Runs whose attempt outlived its deadline are put back in the queue (published by a later
+    pass like any unpublished run; the attempt limit still applies when they are claimed).
+    """
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.reconcile_after_s)
+    with transaction(settings.database_url) as session:
+        stale = repository.requeue_stale_runs(session, now=now, limit=BATCH)
+    if stale:
+        log.warning("stale_attempts_abandoned", runs=len(stale))
     with transaction(settings.database_url) as session:
         event_ids = repository.events_to_enqueue(session, received_before=cutoff, limit=BATCH)
         runs = [

@@ -12,11 +12,9 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from remediations import (
-    PermanentError,
     RemediationError,
     RemediationResult,
     ResponderError,
-    TransientError,
     get_remediation,
     registered,
 )
@@ -145,6 +143,3 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
         )
     log.info("remediation_succeeded", attempt=claim.number, summary=result.summary)
     return Execution("succeeded", attempt=claim.number)
-
-
-__all__ = ["Execution", "PermanentError", "TransientError", "check_delivery_settings", "execute"]

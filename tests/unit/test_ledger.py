@@ -197,3 +197,21 @@ def test_timestamps_come_back_aware_utc(ledger_url: str) -> None:
     with transaction(ledger_url) as session:
         run = session.get(Run, run_id)
         assert run is not None and run.created_at.utcoffset() == timedelta(0)
+
+
+def test_stale_attempts_are_requeued(ledger_url: str) -> None:
+    """An attempt past its deadline (hard limit, dead machine) is abandoned and its run requeued."""
+    stale_run = _run(ledger_url)
+    live_run = _run(ledger_url, rule="r2")
+    claim(ledger_url, stale_run, "task-a", deadline=timedelta(seconds=-1))
+    claim(ledger_url, live_run, "task-b")
+    with transaction(ledger_url) as session:
+        assert repository.requeue_stale_runs(session, now=utcnow(), limit=10) == [stale_run]
+    with transaction(ledger_url) as session:
+        run = session.get(Run, stale_run)
+        live = session.get(Run, live_run)
+        assert run is not None and live is not None
+        assert (run.status, run.enqueued_at) == ("queued", None)
+        assert [a.outcome for a in run.attempts] == ["abandoned"]
+        assert live.status == "running"
+    assert claim(ledger_url, stale_run, "task-c").number == 2

@@ -158,6 +158,33 @@ def runs_to_enqueue(session: Session, *, updated_before: datetime, limit: int) -
     return list(session.scalars(statement))
 
 
+def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[str]:
+    """Close attempts past their deadline as abandoned and put their runs back in the queue.
+
+    Covers what redelivery does not: Celery acks a task killed by its hard time limit, and a
+    dead worker machine's message returns only after the visibility timeout.
+    """
+    stale = session.scalars(
+        select(Attempt)
+        .where(Attempt.outcome == "running", Attempt.deadline_at < now)
+        .order_by(Attempt.deadline_at)
+        .limit(limit)
+        .with_for_update()
+    ).all()
+    run_ids: list[str] = []
+    for attempt in stale:
+        attempt.outcome = "abandoned"
+        attempt.ended_at = now
+        attempt.error = "attempt passed its deadline (hard time limit hit or worker lost)"
+        run = session.get(Run, attempt.run_id, with_for_update=True)
+        if run is not None and run.status == "running":
+            run.status = "queued"
+            run.enqueued_at = None
+            run.updated_at = now
+            run_ids.append(run.id)
+    return run_ids
+
+
 @dataclass(frozen=True)
 class RunFilter:
     """Filters of ``GET /api/v1/runs``; None means any."""
