@@ -47,7 +47,8 @@ class EmbeddedRedis:
     """A real redis-server on a free port with its own data directory (AOF on, no eviction)."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
-        self.data_dir = data_dir
+        # Absolute: redis-server changes into --dir before it opens --logfile.
+        self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -29,17 +29,11 @@ def test_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESPONDER_")}
     env["RESPONDER_LOG_FORMAT"] = "json"
     out = (tmp_path / "dev.out").open("wb")
+    env["RESPONDER_CONFIG"] = str(Path("examples/responder.yaml").resolve())
+    # As `make dev` runs it: the default data directory, relative to the working directory.
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "dev",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "dev"),
-        ],
+        [sys.executable, "-m", "workers.cli", "dev", "--port", str(port)],
+        cwd=tmp_path,
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -77,8 +71,8 @@ def test_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
 
         wait_for(succeeded, timeout=60, what="the run to succeed")
         assert text().count("ingest token:") == 1
-        assert (tmp_path / "dev" / "ledger.db").exists()
-        assert (tmp_path / "dev" / "redis" / "redis.log").exists()
+        assert (tmp_path / ".responder" / "dev" / "ledger.db").exists()
+        assert (tmp_path / ".responder" / "dev" / "redis" / "redis.log").exists()
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=40)
