@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # Publishing from the receiver: bounded so the webhook answers well under Alertmanager's 10 s.
     publish_connect_timeout_s: float = Field(default=1.0, gt=0)
     publish_max_retries: int = Field(default=2, ge=0)
+    # Wall-clock bound on publishing per webhook (a hung Redis accepts but never answers);
+    # past it the answer is still 202 and the reconciler publishes the recorded alerts.
+    publish_budget_s: float = Field(default=2.0, gt=0)
 
     # Delivery: the broker re-delivers an unacked message after this; must exceed twice the
     # longest hard time limit (checked at worker start).

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -87,6 +89,24 @@ def _publish(settings: Settings, publisher: Publisher, event_ids: list[str]) -> 
         log.warning("mark_enqueued_failed", error_type=type(exc).__name__)
 
 
+# Publishing threads are few and separate from the ledger's, so a hung broker cannot starve
+# the inserts that make a 2xx safe.
+_publish_limiter = anyio.CapacityLimiter(8)
+
+
+async def _publish_within_budget(settings: Settings, publisher: Publisher, event_ids: list[str]) -> None:
+    with anyio.move_on_after(settings.publish_budget_s) as scope:
+        await anyio.to_thread.run_sync(
+            _publish, settings, publisher, event_ids, abandon_on_cancel=True, limiter=_publish_limiter
+        )
+    if scope.cancelled_caught:
+        # The thread may still publish; if it does not, the reconciler will (handle_alert is idempotent).
+        telemetry.PUBLISH_FAILURES.labels(task="handle_alert").inc()
+        log.warning(
+            "publish_budget_exceeded", budget_s=settings.publish_budget_s, left_for_reconciler=len(event_ids)
+        )
+
+
 @router.post("/alertmanager", status_code=202, dependencies=[RequireIngest])
 async def receive_alertmanager(
     request: Request, settings: SettingsDep, publisher: PublisherDep
@@ -115,7 +135,7 @@ async def receive_alertmanager(
     for r in recorded:
         telemetry.ALERTS_RECEIVED.labels(result="accepted" if r.accepted else "duplicate").inc()
     if new:
-        await run_in_threadpool(_publish, settings, publisher, new)
+        await _publish_within_budget(settings, publisher, new)
     log.info(
         "alerts_received", accepted=len(new), duplicate=len(recorded) - len(new), receiver=payload.receiver
     )

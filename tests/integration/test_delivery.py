@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -126,8 +127,6 @@ def test_worker_killed_mid_run_finishes_once(stack: Stack) -> None:
     )
     running = stack.wait_run("running", rule="probe-slow")
     victim = _pid_of(running["attempts"][0]["worker"])
-    import os
-
     os.kill(victim, signal.SIGKILL)
     run = stack.wait_run("succeeded", timeout=60, rule="probe-slow")
     assert [a["outcome"] for a in run["attempts"]] == ["abandoned", "succeeded"]
@@ -166,3 +165,23 @@ def test_auth_against_the_running_receiver(stack: Stack) -> None:
     assert stack.post(alert_payload(), token="wrong").status_code == 401
     assert stack.post(alert_payload(), token="it-operator-token").status_code == 403
     assert httpx.get(f"{stack.base_url}/api/v1/runs", timeout=5).status_code == 401
+
+
+def test_hung_redis_at_intake_answers_within_budget(stack: Stack) -> None:
+    """A Redis that holds connections but never answers (SIGSTOP) delays the 202 by the budget only."""
+    stack.post(alert_payload("ResponderCommand", instance="warm-1"))  # producer connection pooled
+    stack.wait_run("succeeded", rule="probe-command")
+    assert stack.redis.proc is not None
+    os.kill(stack.redis.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = stack.post(alert_payload("ResponderProbe", instance="hung-1"))
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(stack.redis.proc.pid, signal.SIGCONT)
+    assert response.status_code == 202
+    assert elapsed < 4, f"webhook took {elapsed:.1f}s with Redis hung"
+    run = stack.wait_run("succeeded", timeout=60, rule="probe-http")
+    assert run["params"]["url"].endswith("/hook/hung-1")
+    time.sleep(2)
+    assert [c.path for c in stack.target.calls] == ["/hook/hung-1"]
