@@ -188,7 +188,14 @@ class Stack:
     def start_all(self) -> None:
         self.start_receiver()
         self.start_worker()
-        self.start("beat", "beat")
+        beat = self.start("beat", "beat")
+
+        def beat_ready() -> bool:
+            if beat.poll() is not None:
+                raise AssertionError(f"beat exited {beat.returncode}:\n{self.log('beat')}")
+            return "beat: Starting" in self.log("beat")
+
+        wait_for(beat_ready, timeout=30, what="beat")
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(name, None)

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from tests.helpers import alert_payload
-from tests.stack import Stack, wait_for
+from tests.stack import INGEST_TOKEN, OPERATOR_TOKEN, Stack, wait_for
 from workers.dev import free_port
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent
@@ -165,6 +165,13 @@ def test_auth_against_the_running_receiver(stack: Stack) -> None:
     assert stack.post(alert_payload(), token="wrong").status_code == 401
     assert stack.post(alert_payload(), token="it-operator-token").status_code == 403
     assert httpx.get(f"{stack.base_url}/api/v1/runs", timeout=5).status_code == 401
+    stack.post(alert_payload("ResponderCommand", instance="log-1"))
+    stack.wait_run("succeeded", rule="probe-command")
+    for name in ("receiver", "worker", "beat"):
+        log = stack.log(name)
+        assert log, f"{name} logged nothing"
+        assert INGEST_TOKEN not in log and OPERATOR_TOKEN not in log, f"a token is in the {name} log"
+    assert '"run_id"' in stack.log("worker") and '"task_id"' in stack.log("worker")
 
 
 def test_hung_redis_at_intake_answers_within_budget(stack: Stack) -> None:
