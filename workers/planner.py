@@ -19,7 +19,7 @@ from workers.config import ResponderConfig, Rule
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, utcnow
-from workers.publishing import Publisher, PublishError
+from workers.publishing import Publisher, publish_runs
 from workers.settings import Settings
 from workers.templating import RenderError, render_value, renderer, template_context
 
@@ -155,21 +155,3 @@ def handle_event(
             log.info("no_rule_matched")
     publish_runs(created, settings=settings, publisher=publisher)
     return [run_id for run_id, _ in created]
-
-
-def publish_runs(
-    runs: list[tuple[str, float]], *, settings: Settings, publisher: Publisher, countdown: float = 0
-) -> int:
-    """Publish ``run_remediation`` for each (run id, timeout) and mark them enqueued."""
-    published: list[str] = []
-    for run_id, timeout_s in runs:
-        try:
-            publisher.run_remediation(run_id, timeout_s=timeout_s, countdown=countdown)
-        except PublishError as exc:
-            log.warning("publish_failed", run_id=run_id, error=str(exc))
-            break  # the broker is down: the reconciler publishes the rest
-        published.append(run_id)
-    if published:
-        with transaction(settings.database_url) as session:
-            repository.mark_runs_enqueued(session, published)
-    return len(published)

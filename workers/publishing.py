@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
+from workers import telemetry
+from workers.ledger import repository
+from workers.ledger.db import transaction
 from workers.settings import Settings
 from workers.tasknames import HANDLE_ALERT, RUN_REMEDIATION
+
+log = telemetry.get_logger(__name__)
 
 
 class PublishError(Exception):
@@ -50,3 +58,50 @@ class Publisher:
             time_limit=timeout_s + self.settings.hard_limit_margin_s,
             countdown=countdown,
         )
+
+
+def _until_refused(ids: Sequence[str], send: Callable[[str], None], *, task: str) -> list[str]:
+    """Send one message per id, stopping at the first refusal: a down broker costs one timeout."""
+    sent: list[str] = []
+    for item in ids:
+        try:
+            send(item)
+        except PublishError as exc:
+            telemetry.PUBLISH_FAILURES.labels(task=task).inc()
+            log.warning(
+                "publish_failed", task=task, id=item, error=str(exc), left_for_reconciler=len(ids) - len(sent)
+            )
+            break
+        sent.append(item)
+    return sent
+
+
+def _mark(ids: list[str], mark: Callable[[Session, Sequence[str]], None], settings: Settings) -> None:
+    if not ids:
+        return
+    try:
+        with transaction(settings.database_url) as session:
+            mark(session, ids)
+    except SQLAlchemyError as exc:  # published but unmarked: the reconciler sends them again, harmlessly
+        log.warning("mark_enqueued_failed", error_type=type(exc).__name__)
+
+
+def publish_events(event_ids: Sequence[str], *, settings: Settings, publisher: Publisher) -> int:
+    """Publish ``handle_alert`` for recorded events and mark them enqueued; returns how many."""
+    sent = _until_refused(event_ids, publisher.handle_alert, task="handle_alert")
+    _mark(sent, repository.mark_events_enqueued, settings)
+    return len(sent)
+
+
+def publish_runs(
+    runs: Sequence[tuple[str, float]], *, settings: Settings, publisher: Publisher, countdown: float = 0
+) -> int:
+    """Publish ``run_remediation`` for (run id, timeout) pairs and mark them enqueued."""
+    timeouts = dict(runs)
+    sent = _until_refused(
+        [run_id for run_id, _ in runs],
+        lambda run_id: publisher.run_remediation(run_id, timeout_s=timeouts[run_id], countdown=countdown),
+        task="run_remediation",
+    )
+    _mark(sent, repository.mark_runs_enqueued, settings)
+    return len(sent)

@@ -9,8 +9,7 @@ from workers import telemetry
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import utcnow
-from workers.planner import publish_runs
-from workers.publishing import Publisher, PublishError
+from workers.publishing import Publisher, publish_events, publish_runs
 from workers.settings import Settings
 
 log = telemetry.get_logger(__name__)
@@ -43,19 +42,9 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
             (r.id, r.timeout_s)
             for r in repository.runs_to_enqueue(session, updated_before=cutoff, limit=BATCH)
         ]
-    published: list[str] = []
-    for event_id in event_ids:
-        try:
-            publisher.handle_alert(event_id)
-        except PublishError as exc:
-            log.warning("reconcile_publish_failed", event_id=event_id, error=str(exc))
-            break
-        published.append(event_id)
-    if published:
-        with transaction(settings.database_url) as session:
-            repository.mark_events_enqueued(session, published)
+    events = publish_events(event_ids, settings=settings, publisher=publisher) if event_ids else 0
     run_count = publish_runs(runs, settings=settings, publisher=publisher) if runs else 0
-    result = Reconciled(events=len(published), runs=run_count)
+    result = Reconciled(events=events, runs=run_count)
     if result.events or result.runs:
         log.info("reconciled", events=result.events, runs=result.runs)
     return result

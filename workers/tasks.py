@@ -9,7 +9,7 @@ from celery import Task, current_app, shared_task, signals
 
 from workers import planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
-from workers.publishing import Publisher, PublishError
+from workers.publishing import Publisher, publish_runs
 from workers.settings import get_settings
 from workers.tasknames import HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
 
@@ -62,7 +62,7 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
         countdown = settings.retry_backoff_s * 2 ** (execution.attempt - 1)
         # A fresh message, not self.retry(): if publishing fails the run stays queued and
         # unpublished in the ledger, and the reconciler sends it.
-        planner.publish_runs(
+        publish_runs(
             [(run_id, execution.timeout_s)], settings=settings, publisher=_publisher(), countdown=countdown
         )
     return execution.outcome
@@ -82,7 +82,7 @@ def reconcile() -> dict[str, int]:
             done = reconciler.reconcile(settings=settings, publisher=_publisher())
         finally:
             lock.release()
-    except (redis.RedisError, PublishError) as exc:
+    except redis.RedisError as exc:
         log.warning("reconcile_failed", error=str(exc))
         return {"events": 0, "runs": 0}
     finally:

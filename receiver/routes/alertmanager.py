@@ -21,7 +21,7 @@ from workers import telemetry
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
 from workers.ledger.db import transaction
-from workers.publishing import Publisher, PublishError
+from workers.publishing import Publisher, publish_events
 from workers.settings import Settings
 
 router = APIRouter(prefix="/api/v1", tags=["alertmanager"])
@@ -46,7 +46,7 @@ class IngestResponse(BaseModel):
 
 
 async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (never buffered whole)."""
+    """The body, refused with 413 as soon as it passes ``limit`` bytes (by header or while read)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "payload_too_large", f"body is larger than {limit} bytes")
@@ -65,30 +65,6 @@ def _record(settings: Settings, payload: WebhookPayload) -> list[repository.Reco
         )
 
 
-def _publish(settings: Settings, publisher: Publisher, event_ids: list[str]) -> None:
-    published: list[str] = []
-    for event_id in event_ids:
-        try:
-            publisher.handle_alert(event_id)
-        except PublishError as exc:
-            telemetry.PUBLISH_FAILURES.labels(task="handle_alert").inc()
-            log.warning(
-                "publish_failed",
-                event_id=event_id,
-                error=str(exc),
-                left_for_reconciler=len(event_ids) - len(published),
-            )
-            break  # the broker is down; do not wait on it once per alert
-        published.append(event_id)
-    if not published:
-        return
-    try:
-        with transaction(settings.database_url) as session:
-            repository.mark_events_enqueued(session, published)
-    except Exception as exc:  # the events are recorded; at worst the reconciler sends them twice
-        log.warning("mark_enqueued_failed", error_type=type(exc).__name__)
-
-
 # Publishing threads are few and separate from the ledger's, so a hung broker cannot starve
 # the inserts that make a 2xx safe.
 _publish_limiter = anyio.CapacityLimiter(8)
@@ -97,7 +73,9 @@ _publish_limiter = anyio.CapacityLimiter(8)
 async def _publish_within_budget(settings: Settings, publisher: Publisher, event_ids: list[str]) -> None:
     with anyio.move_on_after(settings.publish_budget_s) as scope:
         await anyio.to_thread.run_sync(
-            _publish, settings, publisher, event_ids, abandon_on_cancel=True, limiter=_publish_limiter
+            lambda: publish_events(event_ids, settings=settings, publisher=publisher),
+            abandon_on_cancel=True,
+            limiter=_publish_limiter,
         )
     if scope.cancelled_caught:
         # The thread may still publish; if it does not, the reconciler will (handle_alert is idempotent).
