@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, computed_field
 
 from receiver.deps import RequireOperator, SettingsDep
 from receiver.errors import ApiError
@@ -51,7 +51,6 @@ class RunOut(BaseModel):
     status: str
     skip_reason: str | None
     error: str | None
-    result: Redacted
     fingerprint: str | None
     starts_at: str | None
     event_id: str | None
@@ -61,6 +60,12 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: list[AttemptOut]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def result(self) -> dict[str, Any] | None:
+        """The output of the succeeded attempt, if any."""
+        return next((a.output for a in self.attempts if a.outcome == "succeeded"), None)
 
 
 class RunList(BaseModel):

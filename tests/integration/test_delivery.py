@@ -34,6 +34,7 @@ def test_webhook_runs_the_remediation(stack: Stack) -> None:
     assert run["trigger"] == "alert" and run["remediation"] == "http_request"
     assert [a["outcome"] for a in run["attempts"]] == ["succeeded"]
     assert run["params"]["url"].endswith("/hook/web-1")
+    assert run["result"]["status"] == 200 and run["result"] == run["attempts"][0]["output"]
 
 
 def test_command_and_dry_run(stack: Stack) -> None:

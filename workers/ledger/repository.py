@@ -307,8 +307,6 @@ def finish_attempt(
         raise LookupError(f"run {attempt.run_id} not found")
     run.status = run_status
     run.error = error if run_status != "succeeded" else None
-    if run_status == "succeeded":
-        run.result = output
     if run_status == "queued":
         run.enqueued_at = None  # set again once the retry is published
     else:

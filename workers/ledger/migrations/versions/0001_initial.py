@@ -56,7 +56,6 @@ def upgrade() -> None:
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("skip_reason", sa.String(32), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("result", sa.JSON(), nullable=True),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.Column("enqueued_at", UTCDateTime(), nullable=True),
