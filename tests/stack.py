@@ -99,7 +99,7 @@ def stack_config(target_port: int, tmp: Path) -> dict[str, Any]:
             }
         ],
     )
-    config["commands"]["slow"] = {"argv": ["/bin/sh", str(slow), str(tmp / "slow.log")], "timeout": "20s"}
+    config["commands"]["slow"] = {"argv": ["/bin/sh", str(slow), str(tmp / "slow.log")], "timeout": "6s"}
     return config
 
 
@@ -133,6 +133,8 @@ class Stack:
             "RESPONDER_RECONCILE_INTERVAL_S": "1",
             "RESPONDER_RECONCILE_AFTER_S": "1",
             "RESPONDER_RETRY_BACKOFF_S": "0.2",
+            # A dead worker's attempt passes its deadline (timeout + margin + 5 s) sooner.
+            "RESPONDER_HARD_LIMIT_MARGIN_S": "2",
         }
 
     @property
@@ -151,6 +153,7 @@ class Stack:
             env=env or self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a test can kill a whole worker
         )
         log.close()
         self.procs[name] = proc

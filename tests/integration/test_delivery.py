@@ -138,6 +138,28 @@ def test_worker_killed_mid_run_finishes_once(stack: Stack) -> None:
     assert lines.count("done") == 1
 
 
+def test_whole_worker_killed_mid_run_is_recovered(stack: Stack) -> None:
+    """The whole worker dies (main and pool, as with its machine): the run is recovered once."""
+    stack.post(alert_payload("ResponderSlow", instance="slow-2"))
+    wait_for(
+        lambda: stack.slow_log.exists() and "start" in stack.slow_log.read_text(),
+        timeout=30,
+        what="the slow command to start",
+    )
+    worker = stack.procs["worker"]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    # The message stays unacked in Redis until the visibility timeout (an hour); the
+    # reconciler abandons the attempt once past its deadline and requeues the run.
+    stack.start_worker("worker2")
+    run = stack.wait_run("succeeded", timeout=90, rule="probe-slow")
+    assert [a["outcome"] for a in run["attempts"]] == ["abandoned", "succeeded"]
+    assert "deadline" in (run["attempts"][0]["error"] or "")
+    time.sleep(4)
+    lines = stack.slow_log.read_text().split()
+    assert (lines.count("start"), lines.count("done")) == (2, 1)
+
+
 def test_transient_failures_retry_then_fail(stack: Stack) -> None:
     """A failing endpoint is tried three times, each attempt recorded, then the run fails."""
     stack.target.status = 503
