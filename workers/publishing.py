@@ -54,7 +54,8 @@ class Publisher:
         self._send(
             RUN_REMEDIATION,
             [run_id],
-            soft_time_limit=timeout_s + 5,
+            # The soft limit (an exception inside the task) comes well before the hard kill.
+            soft_time_limit=timeout_s + self.settings.hard_limit_margin_s / 3,
             time_limit=timeout_s + self.settings.hard_limit_margin_s,
             countdown=countdown,
         )

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=5.0, ge=0)
     # Seconds between the soft time limit (the remediation's timeout) and the hard kill.
-    hard_limit_margin_s: float = Field(default=15.0, gt=0)
+    hard_limit_margin_s: float = Field(default=15.0, ge=2)
 
     # Reconciler (beat): re-enqueue what was recorded but not enqueued after this many seconds.
     reconcile_interval_s: float = Field(default=10.0, gt=0)

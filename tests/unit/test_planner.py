@@ -142,3 +142,25 @@ def test_unpublished_runs_and_events_are_reconciled(sqlite_url: str) -> None:
     assert (done.events, done.runs) == (1, 1)
     assert up.alerts == [event_id] and len(up.runs) == 1
     assert reconcile(settings=settings, publisher=up) == type(done)(events=0, runs=0)
+
+
+def test_time_limits_follow_the_run_timeout() -> None:
+    """Each run_remediation message carries soft < hard limits derived from the run's timeout."""
+    from workers.celery_app import create_celery_app
+    from workers.publishing import Publisher
+
+    sent: list[dict[str, object]] = []
+
+    class App:
+        conf = create_celery_app(Settings()).conf
+
+        def send_task(self, name: str, **options: object) -> None:
+            sent.append({"name": name, **options})
+
+    for margin in (2.0, 15.0):
+        sent.clear()
+        Publisher(App(), Settings(hard_limit_margin_s=margin)).run_remediation("r1", timeout_s=6.0)  # type: ignore[arg-type]
+        soft, hard = sent[0]["soft_time_limit"], sent[0]["time_limit"]
+        assert isinstance(soft, int) and isinstance(hard, int)
+        assert 6 < soft < hard == 6 + margin
+        assert sent[0]["args"] == ["r1"]  # ids only
