@@ -22,7 +22,7 @@ from remediations import (
     registered,
 )
 from remediations.commands import is_template
-from workers.matching import Matcher, MatcherError, parse_matcher
+from workers.matching import Matcher, MatcherError, matches, parse_matcher
 from workers.templating import RenderError, check_syntax
 
 
@@ -71,7 +71,7 @@ class Rule(BaseModel):
 
     def applies_to(self, labels: Mapping[str, str]) -> bool:
         """Whether every matcher of this rule holds for the label set."""
-        return all(matcher.matches(labels) for matcher in self._matchers)
+        return matches(labels, self._matchers)
 
 
 class ResponderConfig(BaseModel):

@@ -57,11 +57,6 @@ class Settings(BaseSettings):
             return [token.strip() for token in value.split(",") if token.strip()]
         return value
 
-    @property
-    def is_sqlite(self) -> bool:
-        """Whether the ledger is a SQLite file (the embedded default)."""
-        return self.database_url.startswith("sqlite")
-
 
 @lru_cache
 def get_settings() -> Settings:

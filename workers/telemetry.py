@@ -20,8 +20,6 @@ SECRET_KEY = re.compile(
     r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I
 )
 REDACTED = "[REDACTED]"
-# The keys every log line may carry, bound in contextvars and cleared between tasks.
-LOG_KEYS = ("run_id", "rule", "remediation", "fingerprint", "event_id", "task_id")
 
 
 def redact(value: Any) -> Any:

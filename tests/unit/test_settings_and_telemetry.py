@@ -23,7 +23,11 @@ def test_tokens_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults() -> None:
     """SQLite ledger by default, a 4 MiB body limit, three attempts."""
     settings = Settings()
-    assert settings.is_sqlite and settings.max_body_bytes == 4 * 1024 * 1024 and settings.max_attempts == 3
+    assert (
+        settings.database_url.startswith("sqlite")
+        and settings.max_body_bytes == 4 * 1024 * 1024
+        and settings.max_attempts == 3
+    )
 
 
 def test_redact_by_key() -> None:

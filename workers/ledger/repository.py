@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Insert, and_, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -27,8 +27,7 @@ def new_id() -> str:
 def _insert(session: Session, model: type[Any]) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
     dialect = session.get_bind().dialect.name
-    statement: Insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
-    return statement
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
 @dataclass(frozen=True)
