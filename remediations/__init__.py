@@ -24,6 +24,7 @@ from remediations.registry import (
     registered,
     remediation,
 )
+from remediations.retry import RetryPolicy
 
 __all__ = [
     "CommandSpec",
@@ -36,6 +37,7 @@ __all__ = [
     "RemediationParams",
     "RemediationResult",
     "ResponderError",
+    "RetryPolicy",
     "TransientError",
     "get_remediation",
     "load_builtins",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat
 
+MAX_COMMAND_TIMEOUT = 900.0
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -43,7 +45,11 @@ class CommandSpec(BaseModel):
         min_length=1,
         description="Program and arguments; each element renders to exactly one argument.",
     )
-    timeout: Duration = Field(default=60.0, description="Time before the process group is killed.")
+    timeout: Duration = Field(
+        default=60.0,
+        le=MAX_COMMAND_TIMEOUT,
+        description="Time before the process group is killed; at most 900s.",
+    )
     allow_option_args: bool = Field(
         default=False,
         description="Allow an argument rendered from alert data to start with '-'.",
@@ -86,3 +92,6 @@ class RemediationContext:
     render: Callable[[str], str] = _no_render
     # Tests pass httpx.MockTransport; production uses the default transport.
     http_transport: httpx.BaseTransport | None = None
+    # Set by the engine when this attempt lost its lease (another worker may take the run over):
+    # a long remediation stops acting as soon as it sees it.
+    cancelled: threading.Event = field(default_factory=threading.Event)

@@ -9,11 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import IO, Any
 
 from pydantic import Field
 
 from remediations.base import (
+    MAX_COMMAND_TIMEOUT,
     CommandSpec,
     Preflight,
     RemediationContext,
@@ -23,7 +26,8 @@ from remediations.base import (
 from remediations.errors import PermanentError, TransientError
 from remediations.registry import remediation
 
-MAX_TIMEOUT = 900.0
+MAX_TIMEOUT = MAX_COMMAND_TIMEOUT
+POLL_S = 0.2
 OUTPUT_LIMIT_BYTES = 16 * 1024
 PR_SET_PDEATHSIG = 1
 TEMPLATE_MARKERS = ("{{", "{%")
@@ -72,7 +76,7 @@ def _command(ctx: RemediationContext, params: RunCommandParams) -> CommandSpec:
 def preflight_run_command(ctx: RemediationContext, params: RunCommandParams) -> Preflight:
     """Resolve the command and render its argv, refusing what ``run_command`` would refuse."""
     spec = _command(ctx, params)
-    return Preflight(timeout=min(spec.timeout, MAX_TIMEOUT), details={"argv": render_argv(spec, ctx)})
+    return Preflight(timeout=spec.timeout, details={"argv": render_argv(spec, ctx)})
 
 
 class _BoundedReader(threading.Thread):
@@ -105,9 +109,38 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _group_members(pgid: int) -> int:
+    """How many processes are in process group ``pgid`` (Linux /proc; 0 where unreadable)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ')'
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                count += 1
+    return count
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> int:
+    """SIGKILL the command's whole process group; returns how many processes were in it."""
+    members = _group_members(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    return members
+
+
+def _wait(proc: subprocess.Popen[bytes], ctx: RemediationContext, timeout: float) -> str | None:
+    """Wait for the command; returns why it must be stopped (timeout, cancelled) or None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
+            return None
+        except subprocess.TimeoutExpired:
+            if ctx.cancelled.is_set():
+                return "cancelled"
+            if time.monotonic() >= deadline:
+                return "timeout"
 
 
 @remediation(
@@ -115,16 +148,21 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     timeout=60.0,
     max_timeout=MAX_TIMEOUT,
     preflight=preflight_run_command,
+    target="command",
+    destructive=True,
 )
 def run_command(ctx: RemediationContext, params: RunCommandParams) -> RemediationResult:
     """Run a declared command with an empty environment (plus PATH), capturing bounded output.
 
     Exit status 0 succeeds; another status or the timeout (which kills the whole process
-    group) is transient; a missing program is permanent.
+    group) is transient; a missing program is permanent. Processes the command leaves behind
+    in its group are killed when it exits, and counted on the attempt (``processes_killed``,
+    ``kill_reason``): to start a daemon, detach it (``setsid CMD >/dev/null 2>&1 &`` or
+    ``systemd-run``).
     """
     spec = _command(ctx, params)
     argv = render_argv(spec, ctx)
-    timeout = min(spec.timeout, MAX_TIMEOUT)
+    timeout = spec.timeout
     # The command inherits nothing of ours (tokens, database URLs): only PATH, to find tools.
     env = {"PATH": os.environ.get("PATH", os.defpath)}
     try:
@@ -144,30 +182,42 @@ def run_command(ctx: RemediationContext, params: RunCommandParams) -> Remediatio
     readers = [_BoundedReader(proc.stdout), _BoundedReader(proc.stderr)]
     for reader in readers:
         reader.start()
-    timed_out = False
+    stop_reason: str | None = "interrupted"
+    killed = 0
     try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        stop_reason = _wait(proc, ctx, timeout)
     finally:
-        # Also on SoftTimeLimitExceeded or any other exception raised into this frame.
-        if proc.poll() is None:
-            _kill_group(proc)
-            proc.wait()
+        # Also on SoftTimeLimitExceeded or any other exception raised into this frame. Whatever
+        # is left of the group after the command (a child it started in the background) is
+        # killed too: an orphan must not go on acting after the attempt is recorded.
+        reason = stop_reason or "left running after the command exited"
+        if proc.poll() is None or _group_members(proc.pid):
+            killed = _kill_group(proc)
+        proc.wait()
+    incomplete = False
     for reader in readers:
         reader.join(timeout=2)
-        if reader.is_alive():  # a grandchild still holds our pipe open
-            _kill_group(proc)
-            reader.join()
-        reader.stream.close()
+        if reader.is_alive():
+            # A process that left the group (setsid) still holds our pipe: keep what was read
+            # and leave the daemon thread to end when the pipe closes.
+            incomplete = True
+        else:
+            reader.stream.close()
     details: dict[str, Any] = {
         "argv": argv,
         "exit_code": proc.returncode,
         "stdout": readers[0].text(),
         "stderr": readers[1].text(),
         "output_truncated": any(r.total > OUTPUT_LIMIT_BYTES for r in readers),
+        "processes_killed": killed,
     }
-    if timed_out:
+    if incomplete:
+        details["output_incomplete"] = "a detached process kept the output pipe open"
+    if killed:
+        details["kill_reason"] = reason
+    if stop_reason == "cancelled":
+        raise PermanentError("stopped: this attempt lost its lease", details=details)
+    if stop_reason == "timeout":
         raise TransientError(f"timed out after {timeout}s; process group killed", details=details)
     if proc.returncode != 0:
         raise TransientError(f"exit status {proc.returncode}", details=details)

@@ -37,9 +37,19 @@ class RemediationError(ResponderError):
 
 
 class TransientError(RemediationError):
-    """A failure that another attempt may not repeat (timeout, 5xx, refused connection)."""
+    """A failure that another attempt may not repeat (timeout, 5xx, refused connection).
+
+    ``retry_after``: seconds the target asked us to wait (a 429's ``Retry-After``); the retry
+    policy waits at least that long, up to its cap.
+    """
 
     retryable = True
+
+    def __init__(
+        self, message: str, *, details: Mapping[str, Any] | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, details=details)
+        self.retry_after = retry_after
 
 
 class PermanentError(RemediationError):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import time
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 import httpx
@@ -15,6 +18,10 @@ from remediations.registry import remediation
 MAX_TIMEOUT = 60.0
 RESPONSE_SNIPPET_BYTES = 2048
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# One DNS label as host names have them (RFC 1123): letters, digits, inner hyphens.
+_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Headers that must come from the checked URL and the body, never from (rendered) params.
+RESERVED_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
 
 class HttpRequestParams(RemediationParams):
@@ -29,15 +36,23 @@ class HttpRequestParams(RemediationParams):
         default=None, description="Statuses that count as success; any 2xx when unset."
     )
     timeout: PositiveFloat = Field(default=10.0, le=MAX_TIMEOUT, description="Seconds for the call.")
+    idempotency_header: str | None = Field(
+        default="Idempotency-Key",
+        description="Header carrying the run id, so the target can drop a repeated call; null: none.",
+    )
 
     model_config = RemediationParams.model_config | {"populate_by_name": True}
 
     @field_validator("headers")
     @classmethod
-    def _no_control_chars(cls, headers: dict[str, str]) -> dict[str, str]:
+    def _safe_headers(cls, headers: dict[str, str]) -> dict[str, str]:
         for name, value in headers.items():
             if any(ord(c) < 32 or ord(c) == 127 for c in name + value):
                 raise ValueError(f"header {name!r} contains a control character")
+            if not (name + value).isascii():
+                raise ValueError(f"header {name!r} contains a non-ASCII character")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} may not be set (it comes from the checked URL and body)")
         return headers
 
     @model_validator(mode="after")
@@ -58,9 +73,21 @@ def _split_pattern(pattern: str) -> tuple[str, str | None]:
     return pattern.lower(), None
 
 
+def valid_host(host: str) -> bool:
+    """An IP address, or a host name of RFC 1123 labels (no empty labels, no other characters)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_LABEL.match(label) for label in labels)
+
+
 def _host_matches(pattern_host: str, host: str) -> bool:
     if pattern_host.startswith("*."):
-        return host.endswith(pattern_host[1:]) and host != pattern_host[2:]
+        suffix = pattern_host[1:]
+        return host.endswith(suffix) and len(host) > len(suffix) and valid_host(host)
     return host == pattern_host
 
 
@@ -100,6 +127,8 @@ def checked_url(url: str, allowlist: tuple[str, ...]) -> httpx.URL:
     host = parsed.raw_host.decode("ascii").lower()
     if not host:
         raise PermanentError("URL has no host")
+    if not valid_host(host):
+        raise PermanentError(f"URL host {host[:100]!r} is not a valid host name or IP address")
     if not allowlisted(allowlist, scheme=parsed.scheme, host=host, port=parsed.port):
         shown = f"{host}:{parsed.port}" if parsed.port is not None else host
         raise PermanentError(f"host {shown!r} is not on http_allowlist")
@@ -116,17 +145,43 @@ def _is_success(status: int, expected: list[int] | None) -> bool:
     return status in expected if expected is not None else 200 <= status < 300
 
 
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date); None if absent or bad."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _headers(ctx: RemediationContext, params: HttpRequestParams) -> dict[str, str]:
+    headers = dict(params.headers)
+    name = params.idempotency_header
+    if name and ctx.run_id and name.lower() not in {h.lower() for h in headers}:
+        headers[name] = ctx.run_id
+    return headers
+
+
 @remediation(
     name="http_request",
     timeout=10.0,
     max_timeout=MAX_TIMEOUT,
     preflight=preflight_http_request,
+    # The URL without its query: a token in a query string is not an identity worth storing.
+    target="{{ params.url.split('?', 1)[0] }}",
+    destructive=True,
 )
 def http_request(ctx: RemediationContext, params: HttpRequestParams) -> RemediationResult:
     """Send one HTTP request to an allowlisted endpoint; redirects and environment proxies are off.
 
     Success is a status in ``expected_status`` (any 2xx by default). 5xx, 429, timeouts and
-    connection errors are transient; any other status is permanent.
+    connection errors are transient (honouring ``Retry-After``); any other status is permanent.
+    The run id goes in an ``Idempotency-Key`` header: a worker killed mid-call makes the next
+    attempt call again, and the target can recognise the repeat.
     """
     url = checked_url(params.url, ctx.http_allowlist)
     started = time.monotonic()
@@ -141,7 +196,7 @@ def http_request(ctx: RemediationContext, params: HttpRequestParams) -> Remediat
             client.stream(
                 params.method,
                 url,
-                headers=params.headers,
+                headers=_headers(ctx, params),
                 json=params.json_body,
                 content=params.body,
             ) as response,
@@ -165,5 +220,7 @@ def http_request(ctx: RemediationContext, params: HttpRequestParams) -> Remediat
         return RemediationResult(summary=f"{params.method} {url} -> {status}", details=details)
     message = f"{params.method} {url} -> unexpected status {status}"
     if status >= 500 or status == 429:
-        raise TransientError(message, details=details)
+        raise TransientError(
+            message, details=details, retry_after=retry_after_s(response.headers.get("retry-after"))
+        )
     raise PermanentError(message, details=details)

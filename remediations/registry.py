@@ -16,6 +16,7 @@ from remediations.base import (
     RemediationResult,
 )
 from remediations.errors import RegistryError
+from remediations.retry import RetryPolicy
 
 __all__ = [
     "CommandSpec",
@@ -48,10 +49,22 @@ class RemediationDef:
     max_timeout: float
     description: str
     preflight_fn: PreflightFn | None = None
+    # What a run acts on: a param's name, or a template over ``params`` (rendered by the engine).
+    target: str | None = None
+    # Whether acting could make things worse (restart, delete): guards fail closed for these.
+    destructive: bool = True
+    # Short in-call retries of one step (tenacity), declared here instead of hand-written loops.
+    call_retry: RetryPolicy | None = None
 
     def validate(self, raw: Mapping[str, Any]) -> RemediationParams:
         """Validate rendered params with the remediation's model (raises pydantic's error)."""
         return self.params_model.model_validate(raw)
+
+    def run(self, ctx: RemediationContext, params: RemediationParams) -> RemediationResult:
+        """Run the remediation, with its declared in-call retries if any."""
+        if self.call_retry is None:
+            return self.fn(ctx, params)
+        return self.call_retry.call(self.fn, ctx, params)
 
     def preflight(self, ctx: RemediationContext, params: RemediationParams) -> Preflight:
         """Check params without side effects; raises PermanentError when they would be refused."""
@@ -85,6 +98,9 @@ def remediation(
     timeout: float = 30.0,
     max_timeout: float | None = None,
     preflight: PreflightFn | None = None,
+    target: str | None = None,
+    destructive: bool = True,
+    call_retry: RetryPolicy | None = None,
 ) -> Callable[[F], F]:
     """Register ``fn(ctx, params) -> RemediationResult`` under ``name``; return it unchanged.
 
@@ -94,6 +110,11 @@ def remediation(
         max_timeout: the most any attempt may take (bounds Celery's hard time limit);
             defaults to ``timeout``.
         preflight: optional side-effect-free check run at plan time (and by dry runs).
+        target: what a run acts on, stored on the run and used by guards: the name of a
+            param, or a template over ``params`` (``"{{ params.url.split('?')[0] }}"``).
+        destructive: whether acting can make an outage worse; guards fail closed for these.
+        call_retry: in-call retries of transient failures (``remediations.retry.RetryPolicy``),
+            applied around the function; the engine's whole-attempt retries come on top.
     """
 
     def decorate(fn: F) -> F:
@@ -105,6 +126,10 @@ def remediation(
             raise RegistryError(f"{what}: preflight must take the same params model")
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise RegistryError(f"{what}: name already registered by {_REGISTRY[name].fn.__module__}")
+        if target is not None and not target.strip():
+            raise RegistryError(f"{what}: target must name a param or be a template")
+        if target is not None and "{" not in target and target not in params_model.model_fields:
+            raise RegistryError(f"{what}: target {target!r} is not a param of {params_model.__name__}")
         cap = timeout if max_timeout is None else max_timeout
         if not 0 < timeout <= cap:
             raise RegistryError(f"{what}: need 0 < timeout <= max_timeout")
@@ -116,6 +141,9 @@ def remediation(
             max_timeout=cap,
             description=inspect.getdoc(fn) or "",
             preflight_fn=preflight,
+            target=target,
+            destructive=destructive,
+            call_retry=call_retry,
         )
         return fn
 

@@ -31,14 +31,26 @@ def canonical_time(value: str) -> str:
         raise ValueError(f"not an RFC 3339 timestamp: {value[:64]!r}")
     nanos = (match["frac"] or "").ljust(9, "0")
     tz = match["tz"].upper()
-    if tz == "Z" or tz in ("+00:00", "-00:00"):
-        return f"{match['date']}T{match['time']}.{nanos}Z"
-    base = datetime.fromisoformat(f"{match['date']}T{match['time']}{tz}")
-    utc = base.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}.{nanos}Z"
+    try:
+        # Also for UTC: a date like 2026-13-45T99:99:99Z matches the pattern but is no instant.
+        base = datetime.fromisoformat(f"{match['date']}T{match['time']}{'+00:00' if tz == 'Z' else tz}")
+        utc = base.astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"not a valid UTC instant: {value[:64]!r}") from exc
+    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}.{nanos}Z"
+
+
+def no_nul(value: str) -> str:
+    """Refuse NUL characters: no text column can store them (PostgreSQL refuses them)."""
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
 
 
 Timestamp = Annotated[str, AfterValidator(canonical_time)]
+Text = Annotated[str, AfterValidator(no_nul)]
+# Alertmanager sends truncatedAlerts as a uint64.
+MAX_UINT64 = 2**64 - 1
 
 
 class _Lenient(BaseModel):
@@ -54,7 +66,7 @@ class Alert(_Lenient):
     annotations: dict[str, str] = Field(default_factory=dict)
     starts_at: Timestamp = Field(alias="startsAt")
     ends_at: Timestamp = Field(default=ZERO_TIME, alias="endsAt")
-    generator_url: str = Field(default="", alias="generatorURL")
+    generator_url: Text = Field(default="", alias="generatorURL")
     fingerprint: str = Field(min_length=1, max_length=64, pattern=r"^[0-9a-fA-F]+$")
 
     @property
@@ -84,12 +96,12 @@ class WebhookPayload(_Lenient):
     """The body Alertmanager posts to a webhook receiver (``version: "4"``)."""
 
     version: Literal["4"]
-    receiver: str = ""
+    receiver: Text = ""
     status: Literal["firing", "resolved"]
     alerts: list[Alert]
     group_labels: dict[str, str] = Field(default_factory=dict, alias="groupLabels")
     common_labels: dict[str, str] = Field(default_factory=dict, alias="commonLabels")
     common_annotations: dict[str, str] = Field(default_factory=dict, alias="commonAnnotations")
     external_url: str = Field(default="", alias="externalURL")
-    group_key: str = Field(default="", alias="groupKey")
-    truncated_alerts: int = Field(default=0, ge=0, alias="truncatedAlerts")
+    group_key: Text = Field(default="", alias="groupKey")
+    truncated_alerts: int = Field(default=0, ge=0, le=MAX_UINT64, alias="truncatedAlerts")

@@ -62,8 +62,9 @@ def create_celery_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,  # structlog owns logging (workers.telemetry)
         worker_send_task_events=False,
         enable_utc=True,
-        # Exactly one active beat: celery-redbeat holds a Redis lock.
-        beat_scheduler="redbeat.RedBeatScheduler",
+        # Exactly one active beat: celery-redbeat holds a Redis lock; this subclass survives
+        # Redis outages and restarts instead of exiting (workers.schedules).
+        beat_scheduler="workers.schedules:ResilientRedBeatScheduler",
         redbeat_redis_url=settings.redis_url,
         redbeat_key_prefix=settings.redbeat_key_prefix,
         redbeat_redis_options={"socket_connect_timeout": 2, "socket_timeout": 5},

@@ -20,8 +20,12 @@ from workers.tasknames import ALL_QUEUES
 
 
 def _logging() -> None:
+    """Per-process setup from settings: the logging pipeline and the ledger's lock timeout."""
+    from workers.ledger.db import configure
+
     settings = get_settings()
     telemetry.configure_logging(fmt=settings.log_format, level=settings.log_level)
+    configure(lock_timeout_s=settings.db_lock_timeout_s)
 
 
 def _load(path: Path) -> ResponderConfig:
@@ -69,11 +73,29 @@ def _worker_app() -> Any:
     return create_celery_app(get_settings())
 
 
+def _queues(_ctx: click.Context, _param: click.Parameter, value: str) -> list[str]:
+    queues = [q.strip() for q in value.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(ALL_QUEUES))
+    if unknown or not queues:
+        raise click.BadParameter(
+            f"unknown queue(s) {', '.join(unknown) or '(none)'}; known: {', '.join(ALL_QUEUES)}"
+        )
+    return queues
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--concurrency", type=int, default=None, help="Worker processes (default: CPUs).")
+@click.option(
+    "--queues",
+    default=",".join(ALL_QUEUES),
+    show_default=True,
+    callback=_queues,
+    help="Comma-separated queues to consume: a dedicated worker per queue keeps slow "
+    "remediations from delaying the planning of new alerts.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker on the alerts, remediations and maintenance queues."""
+def worker(concurrency: int | None, queues: list[str], celery_args: tuple[str, ...]) -> None:
+    """Run a Celery worker on the alerts, remediations and maintenance queues (or some of them)."""
     from workers.runner import check_delivery_settings
 
     settings = get_settings()
@@ -83,7 +105,8 @@ def worker(concurrency: int | None, celery_args: tuple[str, ...]) -> None:
         check_delivery_settings(settings, config)
     except ResponderError as exc:
         raise click.UsageError(str(exc)) from exc
-    argv = ["worker", "-Q", ",".join(ALL_QUEUES), "--loglevel", settings.log_level, "-n", "responder@%h"]
+    name = "responder" if len(queues) == len(ALL_QUEUES) else "responder-" + "-".join(queues)
+    argv = ["worker", "-Q", ",".join(queues), "--loglevel", settings.log_level, "-n", f"{name}@%h"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     _worker_app().worker_main([*argv, *celery_args])

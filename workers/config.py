@@ -45,6 +45,9 @@ class Rule(BaseModel):
     remediation: str
     params: dict[str, Any] = Field(default_factory=dict)
     mode: Literal["enforce", "dry_run"] = "enforce"
+    # What the run acts on, overriding the remediation's declaration: a template over the
+    # alert (``labels``, ``annotations``, ``alert``) and ``params``, e.g. "{{ labels.instance }}".
+    target: str | None = Field(default=None, min_length=1, max_length=500)
     _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")
@@ -138,6 +141,8 @@ def _static_problems(config: ResponderConfig) -> list[str]:
             continue
         try:
             check_syntax(rule.params, f"{where}.params")
+            if rule.target is not None:
+                check_syntax(rule.target, f"{where}.target")
         except RenderError as exc:
             problems.append(str(exc))
             continue

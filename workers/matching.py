@@ -4,6 +4,11 @@ Parsing follows Alertmanager's classic parser (``pkg/labels/parse.go``): a label
 ``=``, ``!=``, ``=~``, ``!~``, and a value that may be double-quoted, with ``\\"``, ``\\\\`` and
 ``\\n`` escapes; a spurious backslash is literal. Regexes are fully anchored, and a missing label
 matches as the empty string, as in Prometheus.
+
+Regexes are RE2, as in Alertmanager (Go's ``regexp``): linear time in the label's length, so a
+label value from anyone who can reach Alertmanager cannot stall a worker with a backtracking
+pattern, and syntax RE2 refuses (look-around, backreferences) is refused here too, when the
+config is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+import re2
 
 Op = Literal["=", "!=", "=~", "!~"]
 
@@ -23,6 +30,20 @@ class MatcherError(ValueError):
     """A matcher string that Alertmanager would refuse too."""
 
 
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.dot_nl = True  # Alertmanager anchors as ^(?s:...)$: '.' matches a newline
+_RE2_OPTIONS.log_errors = False  # refusals are reported as MatcherError, not on stderr
+
+
+def compile_re2(value: str) -> Any:
+    """Compile a fully anchored RE2 regex; MatcherError for syntax RE2 (and Go) refuses."""
+    try:
+        return re2.compile(f"^(?:{value})$", _RE2_OPTIONS)
+    except re2.error as exc:
+        message = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise MatcherError(f"invalid regex {value!r}: {message}") from exc
+
+
 @dataclass(frozen=True)
 class Matcher:
     """One label matcher: ``name op value``."""
@@ -30,17 +51,12 @@ class Matcher:
     name: str
     op: Op
     value: str
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _regex: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def create(cls, name: str, op: Op, value: str) -> Matcher:
-        """Build a matcher, compiling its anchored regex for ``=~`` and ``!~``."""
-        regex = None
-        if op in ("=~", "!~"):
-            try:
-                regex = re.compile(f"^(?:{value})$", re.DOTALL)
-            except re.error as exc:
-                raise MatcherError(f"invalid regex {value!r}: {exc}") from exc
+        """Build a matcher, compiling its anchored RE2 regex for ``=~`` and ``!~``."""
+        regex = compile_re2(value) if op in ("=~", "!~") else None
         return cls(name=name, op=op, value=value, _regex=regex)
 
     def matches(self, labels: Mapping[str, str]) -> bool:

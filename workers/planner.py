@@ -1,8 +1,9 @@
-"""``handle_alert``: match rules, render and validate params, record one run per matching rule.
+"""``handle_alert``: match rules, plan each one in isolation, admit one run per matching rule.
 
-Rendering happens here, in the worker, never in the receiver. Every outcome is a row: a
-``queued`` run, a ``failed`` run (render, validation or preflight error, no attempt), or a
-``skipped`` run (``dry_run``). A resolved event creates no run.
+Rendering happens here, in the worker, never in the receiver. Each rule is planned on its own:
+whatever one rule's templates or params do (a TypeError from a filter, a runaway render, the
+soft time limit), that rule becomes a ``failed`` run with the error and the other rules go on.
+Every plan is admitted through ``workers.admission`` (the guards, one recorded decision each).
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from remediations import ResponderError, get_remediation
+from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
 from workers import telemetry
+from workers.admission import RunRequest, admit
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, utcnow
+from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_runs
 from workers.settings import Settings
-from workers.templating import RenderError, render_value, renderer, template_context
+from workers.templating import RenderError, render_string, render_value, renderer, template_context
 
 log = telemetry.get_logger(__name__)
 
@@ -39,6 +43,8 @@ class Plan:
     timeout_s: float = 0.0
     skip_reason: str | None = None
     error: str | None = None
+    target: str | None = None
+    destructive: bool = True
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -49,33 +55,82 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig) -> Plan:
-    """Render, validate and preflight one rule's params for one alert (no side effects)."""
-    base: dict[str, Any] = {"rule": rule.name, "remediation": rule.remediation, "mode": rule.mode}
+def target_of(source: str | None, params: RemediationParams, context: dict[str, Any]) -> str | None:
+    """Render a target declaration: a param's name, or a template over ``params`` and the alert."""
+    if source is None:
+        return None
+    fields = type(params).model_fields
+    if source in fields:
+        value = getattr(params, source)
+        return None if value is None else str(value)
+    dumped = params.model_dump(mode="json", by_alias=True)
+    return render_string(source, {**context, "params": dumped})
+
+
+def _plan(
+    rule: Rule, definition: RemediationDef, alert: Alert, config: ResponderConfig, base: dict[str, Any]
+) -> Plan:
     context = template_context(alert)
-    definition = get_remediation(rule.remediation)
-    try:
-        rendered = render_value(rule.params, context)
-        params = definition.validate(rendered)
-        preflight = definition.preflight(config.context(render=renderer(context)), params)
-    except RenderError as exc:
-        return Plan(**base, status="failed", error=f"render: {exc}")
-    except ValidationError as exc:
-        return Plan(**base, status="failed", error=f"invalid params: {_validation_message(exc)}")
-    except ResponderError as exc:
-        return Plan(**base, status="failed", error=f"refused: {exc}")
-    stored = params.model_dump(mode="json", by_alias=True)
-    if rule.mode == "dry_run":
-        return Plan(
-            **base,
-            status="skipped",
-            skip_reason="dry_run",
-            params=stored,
-            preflight=preflight.details,
-            timeout_s=preflight.timeout,
-        )
+    rendered = render_value(rule.params, context)
+    params = definition.validate(rendered)
+    preflight = definition.preflight(config.context(render=renderer(context)), params)
+    target = target_of(rule.target or definition.target, params, context)
+    status: Literal["queued", "skipped"] = "skipped" if rule.mode == "dry_run" else "queued"
     return Plan(
-        **base, status="queued", params=stored, preflight=preflight.details, timeout_s=preflight.timeout
+        **base,
+        status=status,
+        skip_reason="dry_run" if status == "skipped" else None,
+        params=params.model_dump(mode="json", by_alias=True),
+        preflight=preflight.details,
+        timeout_s=preflight.timeout,
+        target=target,
+    )
+
+
+def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig) -> Plan:
+    """Render, validate and preflight one rule's params for one alert (no side effects).
+
+    Never raises: any failure, expected or not, is this rule's ``failed`` plan with the error.
+    """
+    definition = get_remediation(rule.remediation)
+    base: dict[str, Any] = {
+        "rule": rule.name,
+        "remediation": rule.remediation,
+        "mode": rule.mode,
+        "destructive": definition.destructive,
+    }
+    try:
+        return _plan(rule, definition, alert, config, base)
+    except RenderError as exc:
+        error = f"render: {exc}"
+    except ValidationError as exc:
+        error = f"invalid params: {_validation_message(exc)}"
+    except ResponderError as exc:
+        error = f"refused: {exc}"
+    except SoftTimeLimitExceeded:
+        error = "planning exceeded the soft time limit"
+    except Exception as exc:  # RecursionError, MemoryError, TypeError...: one rule, not the alert
+        log.warning("rule_planning_crashed", rule=rule.name, error_type=type(exc).__name__, exc_info=True)
+        error = f"unexpected {type(exc).__name__}: {str(exc)[:500]}"
+    return Plan(**base, status="failed", error=error)
+
+
+def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
+    """The admission request of one rule's plan for one alert event."""
+    return RunRequest(
+        trigger="alert",
+        remediation=plan.remediation,
+        params=plan.params,
+        rule=plan.rule,
+        mode="dry_run" if plan.mode == "dry_run" else "enforce",
+        target=plan.target,
+        destructive=plan.destructive,
+        timeout_s=plan.timeout_s,
+        preflight=plan.preflight,
+        error=plan.error,
+        event_id=event.id,
+        fingerprint=event.fingerprint,
+        starts_at=event.starts_at,
     )
 
 
@@ -97,61 +152,61 @@ def event_alert(event: AlertEvent) -> Alert:
 def handle_event(
     *, event_id: str, settings: Settings, config: ResponderConfig, publisher: Publisher
 ) -> list[str]:
-    """Plan the rules matching one event and publish its queued runs; returns the new run ids."""
+    """Plan the rules matching one event and publish its queued runs; returns the new run ids.
+
+    Each start is counted first, in its own transaction, so an event whose handling keeps
+    crashing the task (even by killing the process) is given up after the maximum, recorded
+    with its error, instead of being redelivered forever.
+    """
+    with transaction(settings.database_url) as session:
+        delivery = repository.note_event_delivery(session, event_id)
+    if delivery.missing:
+        log.warning("event_not_found", event_id=event_id)
+        return []
+    if delivery.handled:
+        log.info("event_already_handled", deliveries=delivery.deliveries)
+        return []
+    if delivery.deliveries > settings.max_deliveries:
+        error = f"gave up after {delivery.deliveries - 1} deliveries that did not finish"
+        with transaction(settings.database_url) as session:
+            repository.give_up_event(session, event_id, error=error)
+        log.error("event_given_up", deliveries=delivery.deliveries - 1)
+        return []
     created: list[tuple[str, float]] = []
     with transaction(settings.database_url) as session:
         event = session.get(AlertEvent, event_id)
-        if event is None:
-            log.warning("event_not_found", event_id=event_id)
+        if event is None or event.handled_at is not None:
             return []
         telemetry.bind(fingerprint=event.fingerprint)
         alert = event_alert(event)
         rules = config.matching_rules(alert.labels)
+        event.handled_at = utcnow()
+        event.matched_rules = len(rules)
         if alert.status == "resolved":
-            # A resolved event never runs a firing rule's remediation.
-            event.handled_at = event.handled_at or utcnow()
-            event.matched_rules = len(rules)
+            # A resolved event never runs a firing rule's remediation; its episode's queued
+            # runs are not started (checked when each is claimed).
             log.info("resolved_event_handled", matched_rules=len(rules))
             return []
-        for rule in rules:
-            plan = plan_rule(rule, alert, config)
-            now = utcnow()
-            run_id = repository.insert_run(
-                session,
-                {
-                    "event_id": event.id,
-                    "fingerprint": event.fingerprint,
-                    "starts_at": event.starts_at,
-                    "rule": plan.rule,
-                    "remediation": plan.remediation,
-                    "params": plan.params,
-                    "preflight": plan.preflight,
-                    "timeout_s": plan.timeout_s,
-                    "mode": plan.mode,
-                    "trigger": "alert",
-                    "status": plan.status,
-                    "skip_reason": plan.skip_reason,
-                    "error": plan.error,
-                    "finished_at": None if plan.status == "queued" else now,
-                },
-            )
-            if run_id is None:
-                log.info("run_already_planned", rule=rule.name)
+        if not rules:
+            log.info("no_rule_matched")
+            return []
+        plans = [plan_rule(rule, alert, config) for rule in rules]
+        admissions = admit(session, [request_for(plan, event) for plan in plans])
+        for plan, admission in zip(plans, admissions, strict=True):
+            if not admission.created:
+                log.info("run_already_planned", rule=plan.rule, run_id=admission.run_id)
                 continue
             log.info(
                 "run_planned",
-                run_id=run_id,
+                run_id=admission.run_id,
                 rule=plan.rule,
                 remediation=plan.remediation,
-                status=plan.status,
-                skip_reason=plan.skip_reason,
+                target=plan.target,
+                status=admission.status.value,
+                reason=admission.reason,
                 error=plan.error,
             )
-            if plan.status == "queued":
-                created.append((run_id, plan.timeout_s))
-        event.handled_at = event.handled_at or utcnow()
-        event.matched_rules = len(rules)
-        if not rules:
-            log.info("no_rule_matched")
+            if admission.status == RunStatus.QUEUED:
+                created.append((admission.run_id, admission.timeout_s))
     publish_runs(created, settings=settings, publisher=publisher)
     return [run_id for run_id, _ in created]

@@ -1,4 +1,17 @@
-"""The reconciler (a beat job): publish what the ledger holds but the broker never got."""
+"""The reconciler (a beat job): whatever the ledger says must still happen is sent again.
+
+Redis is only the doorbell. A message can be lost (a Redis restarted without AOF), acked after
+its task raised (Celery acks failures even with ``acks_late``), or stranded with a dead worker.
+So the reconciler never asks whether a message was sent; it asks the ledger what is not done:
+
+1. Attempts whose lease expired (no heartbeat) are abandoned; their runs go back to ``queued``.
+2. Events not handled, and ``queued`` runs not started, are published again once their last
+   publish is ``RESPONDER_REDELIVER_AFTER_S`` old (doubling per publish), or
+   ``RESPONDER_RECONCILE_AFTER_S`` after they were recorded if never published.
+3. A run published ``RESPONDER_MAX_DELIVERIES`` times without ever being claimed is ``failed``
+   (its messages keep dying before they start); an event is given up by ``handle_alert`` itself
+   once it has started that many times (counted before it plans).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +20,8 @@ from datetime import timedelta
 
 from workers import telemetry
 from workers.ledger import repository
-from workers.ledger.db import transaction
-from workers.ledger.models import utcnow
+from workers.ledger.db import db_now, transaction
+from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_events, publish_runs
 from workers.settings import Settings
 
@@ -18,33 +31,50 @@ BATCH = 500
 
 @dataclass(frozen=True)
 class Reconciled:
-    """How many events and runs one pass published."""
+    """What one pass did: events and runs published, runs given up."""
 
     events: int
     runs: int
+    given_up: int = 0
 
 
 def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
-    """Re-enqueue events recorded but not enqueued, and queued runs never published.
-
-    Runs whose attempt outlived its deadline are put back in the queue (published by a later
-    pass like any unpublished run; the attempt limit still applies when they are claimed).
-    """
-    now = utcnow()
-    cutoff = now - timedelta(seconds=settings.reconcile_after_s)
+    """One pass: abandon expired attempts, give up undeliverable runs, publish what is not done."""
     with transaction(settings.database_url) as session:
+        now = db_now(session)
         stale = repository.requeue_stale_runs(session, now=now, limit=BATCH)
     if stale:
         log.warning("stale_attempts_abandoned", runs=len(stale))
+    cutoff = now - timedelta(seconds=settings.reconcile_after_s)
+    given_up = 0
     with transaction(settings.database_url) as session:
-        event_ids = repository.events_to_enqueue(session, received_before=cutoff, limit=BATCH)
-        runs = [
-            (r.id, r.timeout_s)
-            for r in repository.runs_to_enqueue(session, updated_before=cutoff, limit=BATCH)
-        ]
+        event_ids = repository.events_to_enqueue(
+            session,
+            received_before=cutoff,
+            now=now,
+            redeliver_after_s=settings.redeliver_after_s,
+            limit=BATCH,
+        )
+        runs: list[tuple[str, float]] = []
+        for run in repository.runs_to_enqueue(
+            session,
+            updated_before=cutoff,
+            now=now,
+            redeliver_after_s=settings.redeliver_after_s,
+            limit=BATCH,
+        ):
+            if run.publishes >= settings.max_deliveries:
+                error = f"never started after {run.publishes} deliveries; giving up"
+                if repository.transition_run(
+                    session, run.id, RunStatus.FAILED, expect=[RunStatus.QUEUED], error=error
+                ):
+                    given_up += 1
+                    log.error("run_given_up", run_id=run.id, deliveries=run.publishes)
+                continue
+            runs.append((run.id, run.timeout_s))
     events = publish_events(event_ids, settings=settings, publisher=publisher) if event_ids else 0
     run_count = publish_runs(runs, settings=settings, publisher=publisher) if runs else 0
-    result = Reconciled(events=events, runs=run_count)
-    if result.events or result.runs:
-        log.info("reconciled", events=result.events, runs=result.runs)
+    result = Reconciled(events=events, runs=run_count, given_up=given_up)
+    if result.events or result.runs or result.given_up:
+        log.info("reconciled", events=result.events, runs=result.runs, given_up=result.given_up)
     return result

@@ -1,29 +1,41 @@
-"""``run_remediation``: one attempt of one run, counted and closed in the ledger."""
+"""``run_remediation``: one attempt of one run, claimed under a lease and closed in the ledger.
+
+While the remediation runs, a heartbeat renews the attempt's lease on the ledger's clock. If
+the lease cannot be renewed (the ledger is unreachable, or the attempt was abandoned or the run
+cancelled), the heartbeat tells the remediation to stop (``ctx.cancelled``) before anyone else
+may take the run over, and whatever the attempt reports afterwards is recorded on the attempt
+alone (``late_outcome``), never on the run.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from remediations import (
     RemediationError,
     RemediationResult,
     ResponderError,
+    RetryPolicy,
+    TransientError,
     get_remediation,
     registered,
 )
 from workers import telemetry
 from workers.config import ResponderConfig
 from workers.ledger import repository
-from workers.ledger.db import transaction
-from workers.ledger.models import AlertEvent, Run, utcnow
+from workers.ledger.db import db_now, transaction
+from workers.ledger.models import AlertEvent, Run
 from workers.planner import event_alert
+from workers.resilience import attempt_policy, ledger_retrying
 from workers.settings import Settings
 from workers.templating import RenderError, renderer, template_context
 
@@ -39,6 +51,7 @@ class Execution:
     outcome: Outcome
     timeout_s: float = 0.0
     attempt: int = 0
+    retry_in_s: float = 0.0
 
 
 def worker_name() -> str:
@@ -55,13 +68,67 @@ def largest_hard_limit(settings: Settings, config: ResponderConfig) -> float:
 
 
 def check_delivery_settings(settings: Settings, config: ResponderConfig) -> None:
-    """Refuse to start when a running task could be redelivered: visibility > 2 x hard limit."""
+    """Refuse to start when a message could be redelivered while it runs or waits to retry."""
     hard = largest_hard_limit(settings, config)
     if settings.visibility_timeout_s < 2 * hard:
         raise ResponderError(
             f"RESPONDER_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s} must be at least twice "
             f"the longest hard time limit ({hard:.0f}s): a longer task would be redelivered while running"
         )
+    if settings.visibility_timeout_s < 2 * settings.retry_backoff_cap_s:
+        raise ResponderError(
+            f"RESPONDER_VISIBILITY_TIMEOUT_S={settings.visibility_timeout_s} must be at least twice "
+            f"RESPONDER_RETRY_BACKOFF_CAP_S ({settings.retry_backoff_cap_s:.0f}s): Redis redelivers a "
+            "retry waiting longer than the visibility timeout"
+        )
+
+
+class Heartbeat(threading.Thread):
+    """Renews an attempt's lease every ``lease_s / 3``; sets ``cancelled`` once it is lost.
+
+    The local expiry is counted from before each renewal was sent, so this worker gives up
+    acting no later than the ledger (which another worker's reconciler reads) expires the lease.
+    """
+
+    def __init__(self, *, url: str, attempt_id: int, lease_s: float, cancelled: threading.Event) -> None:
+        super().__init__(name=f"lease-{attempt_id}", daemon=True)
+        self.url = url
+        self.attempt_id = attempt_id
+        self.lease_s = lease_s
+        self.cancelled = cancelled
+        self.expires = time.monotonic() + lease_s
+        self._stop = threading.Event()
+        self.lost: str | None = None
+
+    def run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            sent = time.monotonic()
+            try:
+                with transaction(self.url) as session:
+                    renewed = repository.renew_lease(
+                        session, self.attempt_id, now=db_now(session), lease_s=self.lease_s
+                    )
+            except SQLAlchemyError as exc:
+                if time.monotonic() < self.expires:
+                    log.warning("lease_renewal_failed", error_type=type(exc).__name__)
+                    continue
+                self._lose("lease expired: the ledger could not be reached to renew it")
+                return
+            if not renewed:
+                self._lose("superseded: the attempt was abandoned or its run cancelled")
+                return
+            self.expires = sent + self.lease_s
+
+    def _lose(self, reason: str) -> None:
+        self.lost = reason
+        self.cancelled.set()
+        log.warning("lease_lost", reason=reason)
+
+    def stop(self) -> None:
+        """Stop renewing (the attempt is being closed)."""
+        self._stop.set()
+        if self.is_alive():
+            self.join(timeout=self.lease_s)
 
 
 def _failure(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
@@ -78,68 +145,123 @@ def _failure(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
     return f"unexpected {type(exc).__name__}: {exc}", None, False
 
 
-def _attempt(run: Run, event: AlertEvent | None, config: ResponderConfig) -> RemediationResult:
+def _attempt(
+    run: Run, event: AlertEvent | None, config: ResponderConfig, cancelled: threading.Event
+) -> RemediationResult:
     definition = get_remediation(run.remediation)
     context = template_context(event_alert(event) if event is not None else None)
-    ctx = config.context(run_id=run.id, render=renderer(context))
+    ctx = config.context(run_id=run.id, render=renderer(context), cancelled=cancelled)
     params = definition.validate(run.params)  # re-checked before acting
-    return definition.fn(ctx, params)
+    return definition.run(ctx, params)
+
+
+def _finish(settings: Settings, **values: Any) -> bool:
+    """Close the attempt, retrying ledger errors (the action is done: its record must land).
+
+    Returns False when the attempt no longer owned its run, or when the ledger stayed
+    unreachable for a whole lease: then the lease expires and the reconciler takes the run over,
+    as it would for a dead worker.
+    """
+
+    def record() -> bool:
+        with transaction(settings.database_url) as session:
+            return repository.finish_attempt(session, **values)
+
+    try:
+        return ledger_retrying(settings)(record)
+    except SQLAlchemyError as exc:
+        log.error(  # noqa: TRY400 - the driver's traceback can hold the database URL
+            "attempt_not_recorded", error_type=type(exc).__name__, outcome=values.get("outcome")
+        )
+        return False
 
 
 def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderConfig) -> Execution:
     """Run one attempt of ``run_id`` if it is due; record it and say what comes next."""
     with transaction(settings.database_url) as session:
-        run = session.get(Run, run_id)
-        timeout = run.timeout_s if run is not None else 0.0
         claim = repository.claim_run(
             session,
             run_id=run_id,
             task_id=task_id,
             worker=worker_name(),
             max_attempts=settings.max_attempts,
-            deadline_at=utcnow() + timedelta(seconds=timeout + settings.hard_limit_margin_s + 5),
+            lease_s=settings.lease_s,
         )
+        run = session.get(Run, run_id)
         if claim.kind != "run" or run is None:
             log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
             return Execution("failed" if claim.kind == "exhausted" else "skipped")
         event = session.get(AlertEvent, run.event_id) if run.event_id else None
         session.expunge_all()
-    telemetry.bind(rule=run.rule, remediation=run.remediation, fingerprint=run.fingerprint)
+    telemetry.bind(rule=run.rule, remediation=run.remediation, fingerprint=run.fingerprint, target=run.target)
     if claim.abandoned:
         log.warning("attempts_abandoned", attempts=claim.abandoned)
     log.info("attempt_started", attempt=claim.number)
     assert claim.attempt_id is not None  # noqa: S101 - set for kind "run"
+    cancelled = threading.Event()
+    heartbeat = Heartbeat(
+        url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s, cancelled=cancelled
+    )
+    heartbeat.start()
     try:
-        result = _attempt(run, event, config)
+        return _run_and_record(run, event, config, settings, claim.attempt_id, claim.number, cancelled)
+    finally:
+        heartbeat.stop()
+
+
+def _run_and_record(
+    run: Run,
+    event: AlertEvent | None,
+    config: ResponderConfig,
+    settings: Settings,
+    attempt_id: int,
+    number: int,
+    cancelled: threading.Event,
+) -> Execution:
+    policy: RetryPolicy = attempt_policy(settings)
+    try:
+        result = _attempt(run, event, config, cancelled)
     except (Exception, SoftTimeLimitExceeded) as exc:
         error, details, retryable = _failure(exc)
-        retry = retryable and claim.number < settings.max_attempts
-        with transaction(settings.database_url) as session:
-            repository.finish_attempt(
-                session,
-                attempt_id=claim.attempt_id,
-                outcome="failed",
-                error=error,
-                output=details,
-                run_status="queued" if retry else "failed",
-            )
+        retry = retryable and not policy.gives_up_after(number)
+        owned = _finish(
+            settings,
+            attempt_id=attempt_id,
+            outcome="failed",
+            error=error,
+            output=details,
+            run_status="queued" if retry else "failed",
+        )
+        if not owned:
+            log.warning("attempt_superseded", attempt=number, late_outcome="failed", error=error)
+            return Execution("skipped", attempt=number)
         level = log.warning if retry else log.error
         level(
             "attempt_failed",
-            attempt=claim.number,
+            attempt=number,
             error=error,
             retry=retry,
             exc_info=not isinstance(exc, (ResponderError, SoftTimeLimitExceeded)),
         )
-        return Execution("retry" if retry else "failed", timeout_s=run.timeout_s, attempt=claim.number)
-    with transaction(settings.database_url) as session:
-        repository.finish_attempt(
-            session,
-            attempt_id=claim.attempt_id,
-            outcome="succeeded",
-            error=None,
-            output={"summary": result.summary, **result.details},
-            run_status="succeeded",
+        if not retry:
+            return Execution("failed", attempt=number)
+        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+        return Execution(
+            "retry",
+            timeout_s=run.timeout_s,
+            attempt=number,
+            retry_in_s=policy.delay(number, retry_after=retry_after),
         )
-    log.info("remediation_succeeded", attempt=claim.number, summary=result.summary)
-    return Execution("succeeded", attempt=claim.number)
+    owned = _finish(
+        settings,
+        attempt_id=attempt_id,
+        outcome="succeeded",
+        error=None,
+        output={"summary": result.summary, **result.details},
+        run_status="succeeded",
+    )
+    if not owned:
+        log.warning("attempt_superseded", attempt=number, late_outcome="succeeded")
+        return Execution("skipped", attempt=number)
+    log.info("remediation_succeeded", attempt=number, summary=result.summary)
+    return Execution("succeeded", attempt=number)

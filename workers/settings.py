@@ -38,14 +38,31 @@ class Settings(BaseSettings):
     # Delivery: the broker re-delivers an unacked message after this; must exceed twice the
     # longest hard time limit (checked at worker start).
     visibility_timeout_s: int = Field(default=3600, gt=0)
+    # Whole attempts of a run: how many, and the backoff between them (full jitter, capped).
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=5.0, ge=0)
+    retry_backoff_cap_s: float = Field(default=300.0, ge=0)
     # Seconds between the soft time limit (the remediation's timeout) and the hard kill.
     hard_limit_margin_s: float = Field(default=15.0, ge=2)
+    # An attempt's lease on the ledger's clock, renewed by a heartbeat every lease/3 while the
+    # remediation runs; once it expires, the attempt is abandoned and the run taken over.
+    lease_s: float = Field(default=30.0, ge=1)
+    # Statements wait this long for a lock (SQLite busy timeout, PostgreSQL lock_timeout);
+    # a task that times out retries with backoff.
+    db_lock_timeout_s: float = Field(default=30.0, gt=0)
+    # Ledger errors inside a task (lock timeout, connection lost): retries before the task
+    # gives up and leaves the row to the reconciler.
+    ledger_retries: int = Field(default=8, ge=0)
 
-    # Reconciler (beat): re-enqueue what was recorded but not enqueued after this many seconds.
+    # Reconciler (beat): publish what was recorded but never published after reconcile_after_s,
+    # and publish again what was published but not handled (events) or not started (runs)
+    # within redeliver_after_s (doubling per publish, up to 64x).
     reconcile_interval_s: float = Field(default=10.0, gt=0)
     reconcile_after_s: float = Field(default=30.0, ge=0)
+    redeliver_after_s: float = Field(default=60.0, gt=0)
+    # Starts of handle_alert (or publishes of a never-claimed run) before giving up on it:
+    # a poison message ends recorded with its error, never in a silent loop.
+    max_deliveries: int = Field(default=5, ge=1)
 
     # Celery beat's Redis keys (celery-redbeat); separate prefixes keep deployments apart.
     redbeat_key_prefix: str = "responder:redbeat:"

@@ -6,10 +6,14 @@ from typing import Any
 
 import redis
 from celery import Task, current_app, shared_task, signals
+from sqlalchemy.exc import SQLAlchemyError
 
 from workers import planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
+from workers.ledger import repository
+from workers.ledger.db import configure, transaction
 from workers.publishing import Publisher, publish_runs
+from workers.resilience import is_transient_ledger_error, ledger_policy
 from workers.settings import get_settings
 from workers.tasknames import HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
 
@@ -29,6 +33,18 @@ def _setup_logging(**_: Any) -> None:
     """Keep Celery from configuring logging: structlog's pipeline owns it."""
     settings = get_settings()
     telemetry.configure_logging(fmt=settings.log_format, level=settings.log_level)
+    configure(lock_timeout_s=settings.db_lock_timeout_s)
+
+
+def _retry_on_ledger_error(task: Task[Any, Any], exc: Exception) -> None:
+    """Turn a transient ledger error into a retry with backoff; anything else propagates."""
+    if not (isinstance(exc, SQLAlchemyError) and is_transient_ledger_error(exc)):
+        return
+    settings = get_settings()
+    policy = ledger_policy(settings)
+    number = task.request.retries + 1
+    log.warning("ledger_error_retrying", error_type=type(exc).__name__, retry=number)
+    raise task.retry(exc=exc, countdown=policy.delay(number), max_retries=policy.attempts - 1) from exc
 
 
 @signals.task_prerun.connect(weak=False)
@@ -42,13 +58,28 @@ def _clear_task(**_: Any) -> None:
     telemetry.clear()
 
 
-@shared_task(name=HANDLE_ALERT, ignore_result=True)
-def handle_alert(event_id: str) -> list[str]:
+def _note_event_error(event_id: str, exc: Exception) -> None:
+    try:
+        with transaction(get_settings().database_url) as session:
+            repository.note_event_error(session, event_id, error=f"{type(exc).__name__}: {exc}"[:2000])
+    except SQLAlchemyError:
+        log.warning("event_error_not_recorded", event_id=event_id)
+
+
+@shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)
+def handle_alert(self: Task[Any, Any], event_id: str) -> list[str]:
     """Match, render, validate and record runs for one alert event (idempotent)."""
     telemetry.bind(event_id=event_id)
-    return planner.handle_event(
-        event_id=event_id, settings=get_settings(), config=_config(), publisher=_publisher()
-    )
+    try:
+        return planner.handle_event(
+            event_id=event_id, settings=get_settings(), config=_config(), publisher=_publisher()
+        )
+    except Exception as exc:
+        _retry_on_ledger_error(self, exc)
+        # Not transient: keep the error on the event; the reconciler delivers it again until
+        # RESPONDER_MAX_DELIVERIES, then the event is given up with this error.
+        _note_event_error(event_id, exc)
+        raise
 
 
 @shared_task(name=RUN_REMEDIATION, bind=True, ignore_result=True)
@@ -57,13 +88,19 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
     telemetry.bind(run_id=run_id)
     settings = get_settings()
     task_id = self.request.id or run_id
-    execution = runner.execute(run_id=run_id, task_id=task_id, settings=settings, config=_config())
+    try:
+        execution = runner.execute(run_id=run_id, task_id=task_id, settings=settings, config=_config())
+    except Exception as exc:
+        _retry_on_ledger_error(self, exc)
+        raise
     if execution.outcome == "retry":
-        countdown = settings.retry_backoff_s * 2 ** (execution.attempt - 1)
         # A fresh message, not self.retry(): if publishing fails the run stays queued and
         # unpublished in the ledger, and the reconciler sends it.
         publish_runs(
-            [(run_id, execution.timeout_s)], settings=settings, publisher=_publisher(), countdown=countdown
+            [(run_id, execution.timeout_s)],
+            settings=settings,
+            publisher=_publisher(),
+            countdown=execution.retry_in_s,
         )
     return execution.outcome
 
@@ -87,4 +124,5 @@ def reconcile() -> dict[str, int]:
         return {"events": 0, "runs": 0}
     finally:
         client.close()
-    return {"events": done.events, "runs": done.runs}
+    log.info("reconcile_pass", events=done.events, runs=done.runs, given_up=done.given_up)
+    return {"events": done.events, "runs": done.runs, "given_up": done.given_up}

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import threading
 from datetime import timedelta
+from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
 from tests.helpers import FIXTURES
+from workers.admission import Admission, RunRequest, admit
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
-from workers.ledger.db import get_engine, transaction
+from workers.ledger.db import db_now, get_engine, transaction
 from workers.ledger.models import AlertEvent, Base, Run, utcnow
+from workers.ledger.states import RunStatus
 
 
 def payload(name: str = "single_firing.json") -> WebhookPayload:
@@ -88,53 +91,63 @@ def test_concurrent_duplicate_deliveries_record_once(ledger_url: str) -> None:
     assert results.count(True) == 3 and len(results) == 60
 
 
-def _run(url: str, **values: object) -> str:
+def _request(**values: Any) -> RunRequest:
+    fields: dict[str, Any] = {
+        "trigger": "alert",
+        "remediation": "http_request",
+        "params": {},
+        "rule": "r1",
+        "timeout_s": 1.0,
+        "fingerprint": "f1",
+        "starts_at": "2026-11-23T05:02:19.000000000Z",
+        **values,
+    }
+    return RunRequest(**fields)
+
+
+def _admit(url: str, **values: Any) -> Admission:
     with transaction(url) as session:
-        run_id = repository.insert_run(
-            session,
-            {
-                "fingerprint": "f1",
-                "starts_at": "2026-11-23T05:02:19.000000000Z",
-                "rule": "r1",
-                "remediation": "http_request",
-                "params": {},
-                "timeout_s": 1.0,
-                "mode": "enforce",
-                "trigger": "alert",
-                "status": "queued",
-                **values,
-            },
-        )
-    assert run_id is not None
-    return run_id
+        return admit(session, [_request(**values)])[0]
 
 
-def test_one_run_per_episode_and_rule(ledger_url: str) -> None:
-    """A second run for the same (episode, rule) is not inserted; manual runs never collide."""
-    _run(ledger_url)
+def _run(url: str, **values: Any) -> str:
+    admission = _admit(url, **values)
+    assert admission.created
+    return admission.run_id
+
+
+def test_one_run_per_dedupe_key(ledger_url: str) -> None:
+    """Admission is at most once per key: (episode, rule), idempotency key, (parent, step)."""
+    first = _run(ledger_url)
+    again = _admit(ledger_url, remediation="x")
+    assert (again.created, again.run_id, again.status) == (False, first, "queued")
+    manual = {"trigger": "manual", "fingerprint": None, "starts_at": None, "rule": None}
+    assert _run(ledger_url, **manual) != _run(ledger_url, **manual)  # no key: never collide
+    keyed = _run(ledger_url, **manual, idempotency_key="k1")
+    assert _admit(ledger_url, **manual, idempotency_key="k1").run_id == keyed
+    step = {"trigger": "step", "parent_run_id": keyed, "step": "dump"}
+    child = _run(ledger_url, **manual | step)
+    assert _admit(ledger_url, **manual | step).run_id == child
+    assert _run(ledger_url, **manual | step | {"step": "verify"}) != child
+
+
+def test_admission_guards_in_order(ledger_url: str) -> None:
+    """Invalid before resolved before dry run; each outcome recorded with its reason."""
+    assert _admit(ledger_url, rule="a", error="render: boom", mode="dry_run").status == "failed"
+    assert _admit(ledger_url, rule="b", mode="dry_run").reason == "dry_run"
     with transaction(ledger_url) as session:
-        again = repository.insert_run(
-            session,
-            {
-                "fingerprint": "f1",
-                "starts_at": "2026-11-23T05:02:19.000000000Z",
-                "rule": "r1",
-                "remediation": "x",
-                "params": {},
-                "timeout_s": 1.0,
-                "mode": "enforce",
-                "trigger": "alert",
-                "status": "queued",
-            },
-        )
-    assert again is None
-    assert _run(ledger_url, fingerprint=None, starts_at=None, rule=None, trigger="manual")
-    assert _run(ledger_url, fingerprint=None, starts_at=None, rule=None, trigger="manual")
+        raw = json.loads((FIXTURES / "single_resolved.json").read_bytes())
+        p = WebhookPayload.model_validate(raw)
+        repository.record_events(session, p.alerts, receiver="r", group_key="g")
+    episode = {"fingerprint": p.alerts[0].fingerprint, "starts_at": p.alerts[0].starts_at}
+    resolved = _admit(ledger_url, rule="c", mode="dry_run", **episode)
+    assert (resolved.status, resolved.reason) == ("skipped", "resolved")
+    with transaction(ledger_url) as session:
+        run = session.get(Run, resolved.run_id)
+        assert run is not None and run.skip_reason == "resolved" and run.finished_at is not None
 
 
-def claim(
-    url: str, run_id: str, task_id: str, deadline: timedelta = timedelta(minutes=1)
-) -> repository.Claim:
+def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> repository.Claim:
     with transaction(url) as session:
         return repository.claim_run(
             session,
@@ -142,7 +155,19 @@ def claim(
             task_id=task_id,
             worker="w",
             max_attempts=3,
-            deadline_at=utcnow() + deadline,
+            lease_s=lease_s,
+        )
+
+
+def finish(url: str, attempt_id: int | None, outcome: str, run_status: str) -> bool:
+    with transaction(url) as session:
+        return repository.finish_attempt(
+            session,
+            attempt_id=attempt_id or 0,
+            outcome=outcome,  # type: ignore[arg-type]
+            error=None if outcome == "succeeded" else "boom",
+            output=None,
+            run_status=run_status,  # type: ignore[arg-type]
         )
 
 
@@ -154,26 +179,10 @@ def test_attempt_claims(ledger_url: str) -> None:
     assert claim(ledger_url, run_id, "task-b").kind == "busy"  # another message, still in time
     redelivered = claim(ledger_url, run_id, "task-a")  # the same message again: its worker died
     assert (redelivered.kind, redelivered.number, redelivered.abandoned) == ("run", 2, [1])
-    with transaction(ledger_url) as session:
-        repository.finish_attempt(
-            session,
-            attempt_id=redelivered.attempt_id or 0,
-            outcome="failed",
-            error="boom",
-            output=None,
-            run_status="queued",
-        )
+    assert finish(ledger_url, redelivered.attempt_id, "failed", "queued")
     third = claim(ledger_url, run_id, "task-c")
     assert third.number == 3
-    with transaction(ledger_url) as session:
-        repository.finish_attempt(
-            session,
-            attempt_id=third.attempt_id or 0,
-            outcome="failed",
-            error="boom3",
-            output=None,
-            run_status="queued",
-        )
+    assert finish(ledger_url, third.attempt_id, "failed", "queued")
     assert claim(ledger_url, run_id, "task-d").kind == "exhausted"
     with transaction(ledger_url) as session:
         run = session.get(Run, run_id)
@@ -183,12 +192,64 @@ def test_attempt_claims(ledger_url: str) -> None:
     assert claim(ledger_url, run_id, "task-e").kind == "finished"
 
 
-def test_stale_attempt_of_another_message_is_abandoned(ledger_url: str) -> None:
-    """An open attempt past its deadline no longer blocks the run."""
+def test_late_attempt_does_not_overwrite_its_successor(ledger_url: str) -> None:
+    """An attempt whose lease was given up records its late outcome on itself, not on the run."""
     run_id = _run(ledger_url)
-    claim(ledger_url, run_id, "task-a", deadline=timedelta(seconds=-1))
+    first = claim(ledger_url, run_id, "task-a", lease_s=-1)
     second = claim(ledger_url, run_id, "task-b")
     assert (second.kind, second.abandoned) == ("run", [1])
+    assert finish(ledger_url, first.attempt_id, "succeeded", "succeeded") is False
+    with transaction(ledger_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and run.status == "running"
+        assert [(a.outcome, a.late_outcome) for a in run.attempts] == [
+            ("abandoned", "succeeded"),
+            ("running", None),
+        ]
+    assert finish(ledger_url, second.attempt_id, "failed", "failed") is True
+    with transaction(ledger_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and (run.status, run.error) == ("failed", "boom")
+
+
+def test_transitions_are_compare_and_set(ledger_url: str) -> None:
+    """A transition from a status the table does not allow, or not expected, changes nothing."""
+    run_id = _run(ledger_url)
+    with transaction(ledger_url) as session:
+        assert not repository.transition_run(session, run_id, RunStatus.SUCCEEDED)  # queued -> succeeded
+        assert repository.transition_run(session, run_id, RunStatus.CANCELLED, expect=[RunStatus.QUEUED])
+        assert not repository.transition_run(session, run_id, RunStatus.QUEUED)  # final
+    with transaction(ledger_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and run.status == "cancelled" and run.finished_at is not None
+
+
+def test_resolved_episode_is_not_started(ledger_url: str) -> None:
+    """A queued alert run whose episode resolved meanwhile is skipped when claimed."""
+    raw = json.loads((FIXTURES / "single_resolved.json").read_bytes())
+    p = WebhookPayload.model_validate(raw)
+    run_id = _run(ledger_url, fingerprint=p.alerts[0].fingerprint, starts_at=p.alerts[0].starts_at)
+    with transaction(ledger_url) as session:
+        repository.record_events(session, p.alerts, receiver="r", group_key="g")
+    assert claim(ledger_url, run_id, "task-a").kind == "resolved"
+    with transaction(ledger_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and (run.status, run.skip_reason) == ("skipped", "resolved")
+
+
+def test_lease_renewal_keeps_an_attempt_alive(ledger_url: str) -> None:
+    """A renewed lease is not swept; a renewal of a closed attempt says it was superseded."""
+    run_id = _run(ledger_url)
+    first = claim(ledger_url, run_id, "task-a", lease_s=-1)
+    with transaction(ledger_url) as session:
+        now = db_now(session)
+        assert repository.renew_lease(session, first.attempt_id or 0, now=now, lease_s=60)
+    with transaction(ledger_url) as session:
+        assert repository.requeue_stale_runs(session, now=db_now(session), limit=10) == []
+    assert claim(ledger_url, run_id, "task-b").kind == "busy"
+    assert finish(ledger_url, first.attempt_id, "succeeded", "succeeded")
+    with transaction(ledger_url) as session:
+        assert not repository.renew_lease(session, first.attempt_id or 0, now=utcnow(), lease_s=60)
 
 
 def test_timestamps_come_back_aware_utc(ledger_url: str) -> None:
@@ -203,7 +264,7 @@ def test_stale_attempts_are_requeued(ledger_url: str) -> None:
     """An attempt past its deadline (hard limit, dead machine) is abandoned and its run requeued."""
     stale_run = _run(ledger_url)
     live_run = _run(ledger_url, rule="r2")
-    claim(ledger_url, stale_run, "task-a", deadline=timedelta(seconds=-1))
+    claim(ledger_url, stale_run, "task-a", lease_s=-1)
     claim(ledger_url, live_run, "task-b")
     with transaction(ledger_url) as session:
         assert repository.requeue_stale_runs(session, now=utcnow(), limit=10) == [stale_run]

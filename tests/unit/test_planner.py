@@ -133,14 +133,15 @@ def test_unpublished_runs_and_events_are_reconciled(sqlite_url: str) -> None:
     """What the broker did not take is published by the reconciler later, once."""
     settings = Settings(database_url=sqlite_url, reconcile_after_s=0)
     down = RecordingPublisher(settings, fail=True)
-    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
-    handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=down)
+    handled = _record(sqlite_url, alert_payload("ResponderProbe"))
+    handle_event(event_id=handled, settings=settings, config=CONFIG, publisher=down)
+    unhandled = _record(sqlite_url, alert_payload("ResponderProbe", instance="other"))
     with transaction(sqlite_url) as session:
         assert session.scalars(select(Run.enqueued_at)).all() == [None]
     up = RecordingPublisher(settings)
     done = reconcile(settings=settings, publisher=up)
     assert (done.events, done.runs) == (1, 1)
-    assert up.alerts == [event_id] and len(up.runs) == 1
+    assert up.alerts == [unhandled] and len(up.runs) == 1
     assert reconcile(settings=settings, publisher=up) == type(done)(events=0, runs=0)
 
 

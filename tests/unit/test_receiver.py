@@ -224,6 +224,7 @@ def _seed_runs(url: str) -> None:
             repository.insert_run(
                 session,
                 {
+                    "dedupe_key": f"alert:fp-{rule}:2026-11-23T05:02:19.000000000Z:{rule}",
                     "fingerprint": f"fp-{rule}",
                     "starts_at": "2026-11-23T05:02:19.000000000Z",
                     "rule": rule,

@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-SQLITE_BUSY_TIMEOUT_S = 30
+from workers.ledger.models import utcnow
+
 PG_CONNECT_TIMEOUT_S = 5
+# How long a statement waits for a lock before failing (SQLite's busy timeout, PostgreSQL's
+# lock_timeout): a task then retries with backoff instead of holding a worker slot forever.
+_lock_timeout_s = 30.0
 
 _engines: dict[tuple[int, str], Engine] = {}
 _sessionmakers: dict[tuple[int, str], sessionmaker[Session]] = {}
@@ -31,15 +36,22 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def configure(*, lock_timeout_s: float) -> None:
+    """Set the lock timeout of engines made from now on (each process, from its settings)."""
+    global _lock_timeout_s  # one value per process, read when engines are made
+    _lock_timeout_s = lock_timeout_s
+
+
 def _sqlite_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+    timeout = _lock_timeout_s
+    engine = create_engine(url, connect_args={"timeout": timeout})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # pysqlite's own transaction handling would BEGIN lazily (deferred); take it over.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")  # a 2xx means on disk, even after power loss
         cursor.execute("PRAGMA foreign_keys = ON")
@@ -60,7 +72,10 @@ def make_engine(url: str) -> Engine:
     return create_engine(
         url,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S},
+        connect_args={
+            "connect_timeout": PG_CONNECT_TIMEOUT_S,
+            "options": f"-c lock_timeout={int(_lock_timeout_s * 1000)}",
+        },
     )
 
 
@@ -87,6 +102,18 @@ def transaction(url: str) -> Iterator[Session]:
     """A session in one transaction: committed on success, rolled back on error."""
     with get_sessionmaker(url).begin() as session:
         yield session
+
+
+def db_now(session: Session) -> datetime:
+    """The ledger's clock: deadlines and leases are judged on it, never a worker's own clock.
+
+    PostgreSQL's ``clock_timestamp()`` on PostgreSQL; on SQLite the database is a file on this
+    machine, so every process that can open it shares this machine's clock.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        now: datetime = session.execute(select(func.clock_timestamp())).scalar_one()
+        return now
+    return utcnow()
 
 
 def dispose_all() -> None:

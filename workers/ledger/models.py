@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -64,6 +65,7 @@ class AlertEvent(Base):
         UniqueConstraint("fingerprint", "starts_at", "status", name="uq_alert_events_event_key"),
         Index("ix_alert_events_enqueued_at", "enqueued_at"),
         Index("ix_alert_events_received_at", "received_at"),
+        Index("ix_alert_events_handled_at", "handled_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -77,24 +79,32 @@ class AlertEvent(Base):
     receiver: Mapped[str] = mapped_column(Text, default="")
     group_key: Mapped[str] = mapped_column(Text, default="")
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When handle_alert was last published, and how often (the reconciler backs off by it).
     enqueued_at: Mapped[datetime | None]
+    publishes: Mapped[int] = mapped_column(Integer, default=0)
     handled_at: Mapped[datetime | None]
     matched_rules: Mapped[int | None] = mapped_column(Integer)
+    # Times handle_alert started on this event; a poison event gives up after the maximum.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # Why handling failed (the last error) or was given up.
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class Run(Base):
-    """One planned remediation: from an alert (one per episode and rule), by hand or on schedule."""
+    """One admitted remediation: from an alert, by hand, on schedule or as a runbook step."""
 
     __tablename__ = "runs"
     __table_args__ = (
-        # Action at most once: a redelivered or twice-enqueued event cannot plan a rule twice.
-        # NULLs (manual and scheduled runs) never collide.
-        UniqueConstraint("fingerprint", "starts_at", "rule", name="uq_runs_episode_rule"),
+        # Action at most once, for every trigger (workers.admission.dedupe_key): an alert's
+        # (episode, rule), a manual run's idempotency key, a step's (parent, step).
+        UniqueConstraint("dedupe_key", name="uq_runs_dedupe_key"),
         Index("ix_runs_created_at", "created_at"),
         Index("ix_runs_status", "status"),
+        Index("ix_runs_episode", "fingerprint", "starts_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    dedupe_key: Mapped[str] = mapped_column(String(512))
     event_id: Mapped[str | None] = mapped_column(ForeignKey("alert_events.id"))
     fingerprint: Mapped[str | None] = mapped_column(String(64))
     starts_at: Mapped[str | None] = mapped_column(String(TIMESTAMP_LEN))
@@ -105,12 +115,21 @@ class Run(Base):
     timeout_s: Mapped[float] = mapped_column(Float)
     mode: Mapped[str] = mapped_column(String(16))
     trigger: Mapped[str] = mapped_column(String(16))
+    # What the remediation acts on (rendered from its declaration or the rule's `target`).
+    target: Mapped[str | None] = mapped_column(String(500))
+    destructive: Mapped[bool] = mapped_column(Boolean, default=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
+    step: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16))
     skip_reason: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # When run_remediation was last published, and how often since the last claim: a run that
+    # is never claimed after the maximum is failed, not re-sent forever.
     enqueued_at: Mapped[datetime | None]
+    publishes: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
@@ -131,9 +150,13 @@ class Attempt(Base):
     task_id: Mapped[str] = mapped_column(String(64))
     worker: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The lease: renewed by the worker's heartbeat; once past, the attempt may be abandoned.
     deadline_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
     outcome: Mapped[str] = mapped_column(String(16))
+    # What an abandoned attempt's worker reported when it finished after all (it changed nothing).
+    late_outcome: Mapped[str | None] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy import and_, or_, select, update
@@ -13,9 +13,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers.alerts import Alert
+from workers.ledger.db import db_now
 from workers.ledger.models import AlertEvent, Attempt, Run, utcnow
+from workers.ledger.states import FINISHED, AttemptOutcome, RunStatus, sources
 
-FINISHED = ("succeeded", "failed", "skipped")
 INSERT_CHUNK = 500
 
 
@@ -113,75 +114,227 @@ def _existing_event_ids(
 
 
 def mark_events_enqueued(session: Session, event_ids: Sequence[str]) -> None:
-    """Record that ``handle_alert`` was published for these events."""
+    """Record that ``handle_alert`` was published (again) for these events."""
     if event_ids:
-        session.execute(update(AlertEvent).where(AlertEvent.id.in_(event_ids)).values(enqueued_at=utcnow()))
+        session.execute(
+            update(AlertEvent)
+            .where(AlertEvent.id.in_(event_ids))
+            .values(enqueued_at=utcnow(), publishes=AlertEvent.publishes + 1)
+        )
 
 
-def events_to_enqueue(session: Session, *, received_before: datetime, limit: int) -> list[str]:
-    """Events recorded but never published (the broker was down), oldest first."""
+def redelivery_due(published_at: datetime | None, publishes: int, *, now: datetime, after_s: float) -> bool:
+    """Whether a message published ``publishes`` times, last at ``published_at``, is due again.
+
+    The wait doubles with every publish (``after_s``, 2x, 4x ... capped at 64x): a message that
+    is merely waiting behind a backlog is re-sent a few times, not once per reconcile pass.
+    """
+    if published_at is None:
+        return True
+    return published_at <= now - timedelta(seconds=after_s * 2 ** min(max(publishes - 1, 0), 6))
+
+
+def events_to_enqueue(
+    session: Session, *, received_before: datetime, now: datetime, redeliver_after_s: float, limit: int
+) -> list[str]:
+    """Events not handled: never published, or published but not handled within the bound.
+
+    A ``handle_alert`` that raised was acked all the same, and a Redis restarted without AOF
+    loses what it held: whatever is not handled is found here, whatever happened to the message.
+    """
     statement = (
-        select(AlertEvent.id)
-        .where(AlertEvent.enqueued_at.is_(None), AlertEvent.received_at < received_before)
+        select(AlertEvent.id, AlertEvent.enqueued_at, AlertEvent.publishes)
+        .where(
+            AlertEvent.handled_at.is_(None),
+            AlertEvent.received_at < received_before,
+            or_(
+                AlertEvent.enqueued_at.is_(None),
+                AlertEvent.enqueued_at <= now - timedelta(seconds=redeliver_after_s),
+            ),
+        )
         .order_by(AlertEvent.received_at)
         .limit(limit)
     )
-    return list(session.scalars(statement))
+    return [
+        event_id
+        for event_id, published, publishes in session.execute(statement)
+        if redelivery_due(published, publishes, now=now, after_s=redeliver_after_s)
+    ]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One start of ``handle_alert`` on an event: whether to plan, and the count so far."""
+
+    event_id: str
+    deliveries: int
+    handled: bool
+    missing: bool = False
+
+
+def note_event_delivery(session: Session, event_id: str) -> Delivery:
+    """Count a start of ``handle_alert`` (committed on its own, so a crash still counts)."""
+    event = session.get(AlertEvent, event_id, with_for_update=True)
+    if event is None:
+        return Delivery(event_id, 0, handled=False, missing=True)
+    if event.handled_at is not None:
+        return Delivery(event_id, event.deliveries, handled=True)
+    event.deliveries += 1
+    return Delivery(event_id, event.deliveries, handled=False)
+
+
+def give_up_event(session: Session, event_id: str, *, error: str) -> None:
+    """Mark an event handled with the reason it could not be (poison message, after N tries)."""
+    session.execute(
+        update(AlertEvent)
+        .where(AlertEvent.id == event_id, AlertEvent.handled_at.is_(None))
+        .values(handled_at=utcnow(), error=error[:4000])
+    )
+
+
+def note_event_error(session: Session, event_id: str, *, error: str) -> None:
+    """Keep the last error of a failed ``handle_alert`` on its event."""
+    session.execute(update(AlertEvent).where(AlertEvent.id == event_id).values(error=error[:4000]))
+
+
+def episode_resolved(session: Session, fingerprint: str, starts_at: str) -> bool:
+    """Whether a resolved event of this episode has been recorded."""
+    found = session.scalar(
+        select(AlertEvent.id)
+        .where(
+            AlertEvent.fingerprint == fingerprint,
+            AlertEvent.starts_at == starts_at,
+            AlertEvent.status == "resolved",
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def insert_run(session: Session, values: dict[str, Any]) -> str | None:
-    """Insert a run; None when its (episode, rule) already has one (action at most once)."""
+    """Insert a run; None when its dedupe key already has one (action at most once)."""
+    now = utcnow()
     statement = (
         _insert(session, Run)
-        .values(id=new_id(), created_at=utcnow(), updated_at=utcnow(), **values)
-        .on_conflict_do_nothing(index_elements=["fingerprint", "starts_at", "rule"])
+        .values(id=new_id(), created_at=now, updated_at=now, **values)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
         .returning(Run.id)
     )
     return session.scalars(statement).first()
 
 
+def run_id_by_key(session: Session, dedupe_key: str) -> str | None:
+    """The run already admitted under ``dedupe_key``, if any."""
+    return session.scalar(select(Run.id).where(Run.dedupe_key == dedupe_key))
+
+
 def mark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
-    """Record that ``run_remediation`` was published for these runs."""
+    """Record that ``run_remediation`` was published (again) for these runs."""
     if run_ids:
-        session.execute(update(Run).where(Run.id.in_(run_ids)).values(enqueued_at=utcnow()))
+        session.execute(
+            update(Run).where(Run.id.in_(run_ids)).values(enqueued_at=utcnow(), publishes=Run.publishes + 1)
+        )
 
 
-def runs_to_enqueue(session: Session, *, updated_before: datetime, limit: int) -> list[Run]:
-    """Queued runs whose message was never published (or whose retry could not be)."""
+def runs_to_enqueue(
+    session: Session, *, updated_before: datetime, now: datetime, redeliver_after_s: float, limit: int
+) -> list[Run]:
+    """Queued runs not started: never published, or published but not claimed within the bound."""
     statement = (
         select(Run)
-        .where(Run.status == "queued", Run.enqueued_at.is_(None), Run.updated_at < updated_before)
+        .where(
+            Run.status == RunStatus.QUEUED,
+            Run.updated_at < updated_before,
+            or_(Run.enqueued_at.is_(None), Run.enqueued_at <= now - timedelta(seconds=redeliver_after_s)),
+        )
         .order_by(Run.created_at)
         .limit(limit)
     )
-    return list(session.scalars(statement))
+    return [
+        run
+        for run in session.scalars(statement)
+        if redelivery_due(run.enqueued_at, run.publishes, now=now, after_s=redeliver_after_s)
+    ]
+
+
+def transition_run(
+    session: Session,
+    run_id: str,
+    to: RunStatus,
+    *,
+    expect: Iterable[RunStatus] | None = None,
+    **values: Any,
+) -> bool:
+    """Move a run to ``to`` if it is in an allowed (and expected) status; False if it was not.
+
+    One conditional UPDATE: two writers racing for the same run cannot both succeed.
+    """
+    allowed = sources(to) if expect is None else sources(to) & set(expect)
+    now = utcnow()
+    extra: dict[str, Any] = {"updated_at": now, **values}
+    if to in FINISHED:
+        extra.setdefault("finished_at", now)
+    result = session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status.in_([s.value for s in allowed]))
+        .values(status=to.value, **extra)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
+
+
+def _rowcount(result: Any) -> int:
+    count: int = result.rowcount
+    return count
+
+
+def _close_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome, **values: Any) -> bool:
+    """Move a running attempt to ``outcome``; False if it was no longer running."""
+    result = session.execute(
+        update(Attempt)
+        .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RUNNING)
+        .values(outcome=outcome.value, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
+
+
+def abandon_attempt(session: Session, attempt: Attempt, *, now: datetime, error: str) -> bool:
+    """Give up a running attempt and put its run back in the queue; False if it had moved on."""
+    if not _close_attempt(session, attempt.id, AttemptOutcome.ABANDONED, ended_at=now, error=error):
+        return False
+    transition_run(
+        session, attempt.run_id, RunStatus.QUEUED, expect=[RunStatus.RUNNING], enqueued_at=None, publishes=0
+    )
+    return True
 
 
 def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[str]:
-    """Close attempts past their deadline as abandoned and put their runs back in the queue.
+    """Abandon attempts whose lease expired and put their runs back in the queue.
 
+    ``now`` is the ledger's clock (``db.db_now``), the same clock the leases were set on.
     Covers what redelivery does not: Celery acks a task killed by its hard time limit, and a
-    dead worker machine's message returns only after the visibility timeout.
+    dead or cut-off worker's message returns only after the visibility timeout.
     """
     stale = session.scalars(
         select(Attempt)
-        .where(Attempt.outcome == "running", Attempt.deadline_at < now)
+        .where(Attempt.outcome == AttemptOutcome.RUNNING, Attempt.deadline_at < now)
         .order_by(Attempt.deadline_at)
         .limit(limit)
-        .with_for_update()
     ).all()
-    run_ids: list[str] = []
-    for attempt in stale:
-        attempt.outcome = "abandoned"
-        attempt.ended_at = now
-        attempt.error = "attempt passed its deadline (hard time limit hit or worker lost)"
-        run = session.get(Run, attempt.run_id, with_for_update=True)
-        if run is not None and run.status == "running":
-            run.status = "queued"
-            run.enqueued_at = None
-            run.updated_at = now
-            run_ids.append(run.id)
-    return run_ids
+    error = "lease expired: no heartbeat from the worker (killed, hard time limit, or cut off)"
+    return [a.run_id for a in stale if abandon_attempt(session, a, now=now, error=error)]
+
+
+def renew_lease(session: Session, attempt_id: int, *, now: datetime, lease_s: float) -> bool:
+    """Extend a running attempt's lease; False when it is no longer running (it was superseded)."""
+    result = session.execute(
+        update(Attempt)
+        .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RUNNING)
+        .values(deadline_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result) == 1
 
 
 @dataclass(frozen=True)
@@ -209,7 +362,7 @@ def list_runs(session: Session, filters: RunFilter) -> list[Run]:
     return list(session.scalars(statement))
 
 
-ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted"]
+ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted", "undeliverable", "resolved"]
 
 
 @dataclass
@@ -220,6 +373,7 @@ class Claim:
     attempt_id: int | None = None
     number: int = 0
     abandoned: list[int] = field(default_factory=list)
+    lease_until: datetime | None = None
 
 
 def claim_run(
@@ -229,15 +383,17 @@ def claim_run(
     task_id: str,
     worker: str,
     max_attempts: int,
-    deadline_at: datetime,
+    lease_s: float,
 ) -> Claim:
     """Open the next attempt of a run, or say why not; one attempt at a time per run.
 
     An open attempt left by this same message (the worker died and the broker redelivered it),
-    or one past its deadline, is closed as ``abandoned``. An open attempt of another message
-    within its deadline is still running somewhere: this delivery is ``busy`` and does nothing.
+    or one whose lease expired, is closed as ``abandoned``. An open attempt of another message
+    within its lease is still running somewhere: this delivery is ``busy`` and does nothing.
+    An alert run whose episode has resolved meanwhile is not started. Every status change is
+    a compare-and-set; the lease is set on the ledger's clock.
     """
-    now = utcnow()
+    now = db_now(session)
     run = session.get(Run, run_id, with_for_update=True, populate_existing=True)
     if run is None:
         return Claim("missing")
@@ -245,24 +401,35 @@ def claim_run(
         return Claim("finished")
     claim = Claim("run")
     for attempt in run.attempts:
-        if attempt.outcome != "running":
+        if attempt.outcome != AttemptOutcome.RUNNING:
             continue
         if attempt.task_id == task_id or attempt.deadline_at <= now:
-            attempt.outcome = "abandoned"
-            attempt.ended_at = now
-            attempt.error = (
+            error = (
                 "worker lost during the attempt; message redelivered"
                 if attempt.task_id == task_id
-                else "attempt passed its deadline without finishing"
+                else "lease expired without a heartbeat"
             )
-            claim.abandoned.append(attempt.number)
+            if abandon_attempt(session, attempt, now=now, error=error):
+                claim.abandoned.append(attempt.number)
         else:
             return Claim("busy")
+    session.expire_all()  # the compare-and-set updates above bypassed the loaded objects
+    run = session.get(Run, run_id)
+    if run is None:
+        return Claim("missing")
+    resolved = run.trigger == "alert" and run.fingerprint and run.starts_at
+    if resolved and episode_resolved(session, run.fingerprint or "", run.starts_at or ""):
+        to = RunStatus.CANCELLED if run.attempts else RunStatus.SKIPPED
+        transition_run(session, run.id, to, expect=[RunStatus.QUEUED], skip_reason="resolved")
+        return Claim("resolved")
     if len(run.attempts) >= max_attempts:
         last = run.attempts[-1].error if run.attempts else None
-        run.status = "failed"
-        run.error = f"gave up after {len(run.attempts)} attempts; last error: {last}"
-        run.finished_at = now
+        transition_run(
+            session,
+            run.id,
+            RunStatus.FAILED,
+            error=f"gave up after {len(run.attempts)} attempts; last error: {last}",
+        )
         claim.kind = "exhausted"
         return claim
     attempt = Attempt(
@@ -271,15 +438,24 @@ def claim_run(
         task_id=task_id,
         worker=worker[:200],
         started_at=now,
-        deadline_at=deadline_at,
-        outcome="running",
+        deadline_at=now + timedelta(seconds=lease_s),
+        heartbeat_at=now,
+        outcome=AttemptOutcome.RUNNING,
     )
+    if not transition_run(
+        session,
+        run.id,
+        RunStatus.RUNNING,
+        expect=[RunStatus.QUEUED],
+        started_at=run.started_at or now,
+        publishes=0,
+    ):
+        return Claim("finished")
     session.add(attempt)
-    run.status = "running"
-    run.started_at = run.started_at or now
     session.flush()
     claim.attempt_id = attempt.id
     claim.number = attempt.number
+    claim.lease_until = attempt.deadline_at
     return claim
 
 
@@ -291,22 +467,28 @@ def finish_attempt(
     error: str | None,
     output: dict[str, Any] | None,
     run_status: Literal["succeeded", "failed", "queued"],
-) -> None:
-    """Close an attempt and move its run on (``queued`` means a retry will follow)."""
+) -> bool:
+    """Close an attempt and move its run on (``queued`` means a retry will follow).
+
+    Returns False when the attempt had lost its claim (its lease was given up, or the run was
+    cancelled): then only the attempt's own late outcome is recorded and the run is left alone.
+    """
     now = utcnow()
-    attempt = session.get(Attempt, attempt_id, with_for_update=True)
+    attempt = session.get(Attempt, attempt_id)
     if attempt is None:
         raise LookupError(f"attempt {attempt_id} not found")
-    attempt.outcome = outcome
-    attempt.ended_at = now
-    attempt.error = error
-    attempt.output = output
-    run = session.get(Run, attempt.run_id, with_for_update=True)
-    if run is None:
-        raise LookupError(f"run {attempt.run_id} not found")
-    run.status = run_status
-    run.error = error if run_status != "succeeded" else None
-    if run_status == "queued":
-        run.enqueued_at = None  # set again once the retry is published
-    else:
-        run.finished_at = now
+    if not _close_attempt(
+        session, attempt_id, AttemptOutcome(outcome), ended_at=now, error=error, output=output
+    ):
+        session.execute(
+            update(Attempt)
+            .where(Attempt.id == attempt_id)
+            .values(late_outcome=outcome, output=output)
+            .execution_options(synchronize_session=False)
+        )
+        return False
+    to = RunStatus(run_status)
+    values: dict[str, Any] = {"error": error if to != RunStatus.SUCCEEDED else None}
+    if to == RunStatus.QUEUED:
+        values.update(enqueued_at=None, publishes=0)  # set again once the retry is published
+    return transition_run(session, attempt.run_id, to, expect=[RunStatus.RUNNING], **values)

@@ -1,0 +1,139 @@
+"""The one way in: every trigger turns a ``RunRequest`` into a recorded run with its decision.
+
+Alerts use it now (``workers.planner``); manual runs, schedules and runbook steps call the same
+``admit``, so every guard is written once, here, and applied in one documented order:
+
+1. ``invalid``: the request could not be planned (render, validation, preflight): ``failed``
+   with the error, nothing runs.
+2. ``resolved``: an alert run whose episode already has a resolved event recorded (both
+   arrived while the broker was down, or out of order): ``skipped``.
+3. ``dry_run``: ``skipped`` with the params, target and preflight it would have run with.
+4. otherwise ``queued``.
+
+Later guards (paused, grace, cooldown, budget, breaker_open, locked) slot in between 2 and 3.
+Action is at most once per dedupe key (``RunRequest.dedupe_key``): a second admission of the
+same key returns the run already recorded and creates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy.orm import Session
+
+from workers.ledger import repository
+from workers.ledger.models import Run, utcnow
+from workers.ledger.states import RunStatus
+
+Trigger = Literal["alert", "manual", "schedule", "step"]
+Mode = Literal["enforce", "dry_run"]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a trigger asks for: a remediation with rendered params, and where it came from."""
+
+    trigger: Trigger
+    remediation: str
+    params: dict[str, Any]
+    rule: str | None = None
+    mode: Mode = "enforce"
+    target: str | None = None
+    destructive: bool = True
+    timeout_s: float = 0.0
+    preflight: dict[str, Any] = field(default_factory=dict)
+    # Set when planning failed: the run is recorded failed with it.
+    error: str | None = None
+    # alert trigger: the event and its episode
+    event_id: str | None = None
+    fingerprint: str | None = None
+    starts_at: str | None = None
+    # manual and schedule triggers: the caller's key (a retried request admits nothing new)
+    idempotency_key: str | None = None
+    # step trigger: the runbook run and the step's name
+    parent_run_id: str | None = None
+    step: str | None = None
+
+    def dedupe_key(self) -> str:
+        """The key that makes this action at most once, whatever the trigger."""
+        if self.trigger == "alert":
+            return f"alert:{self.fingerprint}:{self.starts_at}:{self.rule}"
+        if self.trigger == "step":
+            return f"step:{self.parent_run_id}:{self.step}"
+        if self.idempotency_key is None:
+            return f"{self.trigger}:{repository.new_id()}"
+        return f"{self.trigger}:{self.idempotency_key}"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The decision for one request: the run, its status and reason, and whether it is new."""
+
+    run_id: str
+    status: RunStatus
+    reason: str | None
+    created: bool
+    timeout_s: float
+
+
+def decide(request: RunRequest, *, episode_resolved: bool) -> tuple[RunStatus, str | None]:
+    """The guards, in order: the status a request is admitted in and the reason."""
+    if request.error is not None:
+        return RunStatus.FAILED, "invalid"
+    if request.trigger == "alert" and episode_resolved:
+        return RunStatus.SKIPPED, "resolved"
+    if request.mode == "dry_run":
+        return RunStatus.SKIPPED, "dry_run"
+    return RunStatus.QUEUED, None
+
+
+def admit(session: Session, requests: Sequence[RunRequest]) -> list[Admission]:
+    """Decide and record each request in the caller's transaction; one Admission per request."""
+    resolved: dict[tuple[str, str], bool] = {}
+    admissions: list[Admission] = []
+    for request in requests:
+        episode = (request.fingerprint or "", request.starts_at or "")
+        if request.trigger == "alert" and episode not in resolved:
+            resolved[episode] = repository.episode_resolved(session, *episode)
+        status, reason = decide(request, episode_resolved=resolved.get(episode, False))
+        key = request.dedupe_key()
+        run_id = repository.insert_run(
+            session,
+            {
+                "dedupe_key": key,
+                "event_id": request.event_id,
+                "fingerprint": request.fingerprint,
+                "starts_at": request.starts_at,
+                "rule": request.rule,
+                "remediation": request.remediation,
+                "params": request.params,
+                "preflight": request.preflight,
+                "timeout_s": request.timeout_s,
+                "mode": request.mode,
+                "trigger": request.trigger,
+                "target": request.target[:500] if request.target else None,
+                "destructive": request.destructive,
+                "idempotency_key": request.idempotency_key,
+                "parent_run_id": request.parent_run_id,
+                "step": request.step,
+                "status": status.value,
+                "skip_reason": reason if status == RunStatus.SKIPPED else None,
+                "error": request.error,
+                "finished_at": None if status == RunStatus.QUEUED else utcnow(),
+            },
+        )
+        if run_id is not None:
+            admissions.append(Admission(run_id, status, reason, True, request.timeout_s))
+            continue
+        existing_id = repository.run_id_by_key(session, key)
+        existing = session.get(Run, existing_id) if existing_id is not None else None
+        if existing is None:  # pragma: no cover - the conflicting row is committed and never deleted
+            raise LookupError(f"no run for dedupe key {key!r}")
+        admissions.append(
+            Admission(
+                existing.id, RunStatus(existing.status), existing.skip_reason, False, existing.timeout_s
+            )
+        )
+    return admissions
