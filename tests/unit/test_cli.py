@@ -109,3 +109,24 @@ def test_db_upgrade(runner: CliRunner, monkeypatch: pytest.MonkeyPatch, tmp_path
     result = runner.invoke(main, ["db", "upgrade"])
     assert result.exit_code == 0, result.output
     assert {"alert_events", "runs", "attempts"} <= set(inspect(get_engine(url)).get_table_names())
+
+
+def test_worker_queues_option(runner: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--queues picks the queues a worker consumes (default all); an unknown name is refused."""
+    import workers.cli as cli
+
+    started: list[list[str]] = []
+
+    class App:
+        def worker_main(self, argv: list[str]) -> None:
+            started.append(argv)
+
+    monkeypatch.setattr(cli, "_worker_app", App)
+    monkeypatch.setenv("RESPONDER_CONFIG", "examples/responder.yaml")
+    assert runner.invoke(main, ["worker"]).exit_code == 0
+    assert runner.invoke(main, ["worker", "--queues", "alerts, maintenance"]).exit_code == 0
+    queues = [argv[argv.index("-Q") + 1] for argv in started]
+    assert queues == ["alerts,remediations,maintenance", "alerts,maintenance"]
+    assert "responder-alerts-maintenance@%h" in started[1]
+    bad = runner.invoke(main, ["worker", "--queues", "alerts,bogus"])
+    assert bad.exit_code == 2 and "bogus" in bad.output

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +152,69 @@ def test_missing_label_in_argv_fails_preflight() -> None:
     spec = CommandSpec(argv=["/bin/echo", "{{ labels.instance }}"])
     with pytest.raises(ValueError, match="instance"):
         preflight_run_command(ctx_for({"c": spec}), RunCommandParams(command="c"))
+
+
+def test_timeout_over_the_maximum_is_refused() -> None:
+    """timeout: 901s is an error, not silently cut to 900."""
+    with pytest.raises(ValueError, match="900"):
+        CommandSpec(argv=["/bin/true"], timeout="901s")
+    assert CommandSpec(argv=["/bin/true"], timeout="900s").timeout == 900
+
+
+def _script(tmp_path: Path, name: str, body: str) -> CommandSpec:
+    script = tmp_path / name
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return CommandSpec(argv=[str(script)], timeout=10)
+
+
+def _running(pid_file: Path) -> bool:
+    deadline = time.monotonic() + 5
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{pid_file} was not written")
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    time.sleep(0.3)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not alive
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_naive_background_child_is_killed_and_counted(tmp_path: Path) -> None:
+    """A service started with '&' inside the command's group is killed, and the attempt says so."""
+    pids = tmp_path / "naive.pid"
+    spec = _script(tmp_path, "naive.sh", f"sleep 30 &\necho $! > {pids}\necho started\n")
+    result = run_command(ctx_for({"restart": spec}), RunCommandParams(command="restart"))
+    assert result.details["processes_killed"] == 1
+    assert result.details["kill_reason"] == "left running after the command exited"
+    assert not _running(pids)
+
+
+def test_detached_daemon_survives(tmp_path: Path) -> None:
+    """A service detached with setsid and its output redirected outlives the command, untouched."""
+    pids = tmp_path / "daemon.pid"
+    spec = _script(
+        tmp_path,
+        "detached.sh",
+        f"setsid sh -c 'echo $$ > {pids}; exec sleep 30' >/dev/null 2>&1 < /dev/null &\necho started\n",
+    )
+    result = run_command(ctx_for({"restart": spec}), RunCommandParams(command="restart"))
+    assert result.details["processes_killed"] == 0 and "kill_reason" not in result.details
+    assert _running(pids)
+    os.kill(int(pids.read_text()), signal.SIGKILL)
+
+
+def test_cancelled_attempt_stops_its_command(tmp_path: Path) -> None:
+    """When the engine cancels the attempt (lease lost), the command is killed at once."""
+    spec = _script(tmp_path, "long.sh", "sleep 30\n")
+    context = ctx_for({"long": spec})
+    threading.Timer(0.5, context.cancelled.set).start()
+    started = time.monotonic()
+    with pytest.raises(PermanentError, match="lost its lease") as caught:
+        run_command(context, RunCommandParams(command="long"))
+    assert time.monotonic() - started < 5
+    assert caught.value.details["processes_killed"] >= 1

@@ -182,3 +182,64 @@ def test_params_validation() -> None:
     ):
         with pytest.raises(ValueError, match="validation error"):
             HttpRequestParams.model_validate(bad)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "evil.example\\.svc.example",
+        "a..svc.example",
+        ".svc.example",
+        "ex_ample.svc.example",
+        "-a.svc.example",
+    ],
+)
+def test_wildcard_refuses_hosts_outside_the_host_name_set(host: str) -> None:
+    """*.svc.example admits only real host names: no backslashes, empty labels or odd characters."""
+    with pytest.raises(PermanentError):
+        checked_url(f"https://{host}:8443/", ALLOW)
+    assert checked_url("https://a.b-c.svc.example:8443/", ALLOW).host == "a.b-c.svc.example"
+
+
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"Host": "evil.example"}, "may not be set"),
+        ({"content-length": "0"}, "may not be set"),
+        ({"X-Who": "caf\u00e9"}, "non-ASCII"),
+    ],
+)
+def test_headers_cannot_override_the_checked_host_or_carry_non_ascii(
+    headers: dict[str, str], message: str
+) -> None:
+    """A Host header in params is refused, as is a non-ASCII value: at validation, before sending."""
+    with pytest.raises(ValueError, match=message):
+        HttpRequestParams(url="http://127.0.0.1:1/", headers=headers)
+
+
+def test_idempotency_key_is_the_run_id() -> None:
+    """Every call carries the run id, so a target can drop the repeat after a worker died mid-call."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200)
+
+    context = RemediationContext(
+        run_id="run-42", http_allowlist=ALLOW, http_transport=httpx.MockTransport(handler)
+    )
+    http_request(context, HttpRequestParams(url="http://127.0.0.1:1/"))
+    http_request(context, HttpRequestParams(url="http://127.0.0.1:1/", idempotency_header=None))
+    http_request(context, HttpRequestParams(url="http://127.0.0.1:1/", headers={"idempotency-key": "mine"}))
+    assert [r.headers.get("idempotency-key") for r in seen] == ["run-42", None, "mine"]
+
+
+def test_retry_after_is_carried_on_the_transient_error() -> None:
+    """A 429 with Retry-After gives a TransientError that says how long the target asked to wait."""
+
+    def handler(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": "120"})
+
+    with pytest.raises(TransientError) as caught:
+        http_request(ctx(handler), HttpRequestParams(url="http://127.0.0.1:1/"))
+    assert caught.value.retry_after == 120.0

@@ -105,3 +105,25 @@ def test_str_round_trips() -> None:
     """A matcher prints in Alertmanager syntax that parses back to itself."""
     original = parse_matcher('q="say \\"hi\\"\\nnow\\\\"')
     assert parse_matcher(str(original)) == original
+
+
+def test_catastrophic_regex_matches_in_linear_time() -> None:
+    """(a+)+b against a long label: RE2 answers at once where a backtracking engine would stall."""
+    import time
+
+    matcher = parse_matcher('instance=~"(a+)+b"')
+    started = time.monotonic()
+    assert not matcher.matches({"instance": "a" * 100_000 + "c"})
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("regex", ["(?=a)a", "(a)\\\\1", "(?<!x)y", "a++"])
+def test_syntax_re2_refuses_is_refused(regex: str) -> None:
+    """Look-around, backreferences and possessive quantifiers are refused, as Alertmanager does."""
+    with pytest.raises(MatcherError, match="invalid regex"):
+        parse_matcher(f'x=~"{regex}"')
+
+
+def test_dot_matches_newline_like_alertmanager() -> None:
+    """Alertmanager anchors as ^(?s:...)$: '.' matches a newline."""
+    assert parse_matcher('x=~"a.b"').matches({"x": "a\nb"})

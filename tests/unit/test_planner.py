@@ -165,3 +165,122 @@ def test_time_limits_follow_the_run_timeout() -> None:
         assert isinstance(soft, int) and isinstance(hard, int)
         assert 6 < soft < hard == 6 + margin
         assert sent[0]["args"] == ["r1"]  # ids only
+
+
+def test_one_bad_rule_does_not_drop_the_others(sqlite_url: str) -> None:
+    """A template raising TypeError or running away fails its own rule; the alert's others run."""
+    rules = [
+        {
+            "name": f"bad-{i}",
+            "match": ['alertname="ResponderProbe"'],
+            "remediation": "http_request",
+            "params": {"url": "http://127.0.0.1:1/" + template},
+        }
+        for i, template in enumerate(
+            [
+                "{{ '%d' | format(labels.instance) }}",  # TypeError
+                "{{ 'a' * 10**9 }}",  # repetition bound
+                "{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}",
+                "{{ labels.instance | indent(30000) }}",
+            ]
+        )
+    ]
+    config = make_config(rules=rules)
+    settings = Settings(database_url=sqlite_url)
+    publisher = RecordingPublisher(settings)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe", instance="web-1"))
+    created = handle_event(event_id=event_id, settings=settings, config=config, publisher=publisher)
+    with transaction(sqlite_url) as session:
+        runs = {r.rule: r for r in session.scalars(select(Run))}
+        event = session.get(AlertEvent, event_id)
+    assert event is not None and event.handled_at is not None and event.matched_rules == 5
+    assert runs["probe-http"].status == "queued" and created == [runs["probe-http"].id]
+    errors = {name: runs[name].error or "" for name in ("bad-0", "bad-1", "bad-2", "bad-3")}
+    assert all(runs[name].status == "failed" for name in errors)
+    assert "TypeError" in errors["bad-0"]
+    assert "too large" in errors["bad-1"] and "longer than" in errors["bad-2"]
+    assert "30000" in errors["bad-3"]
+
+
+def test_target_is_declared_or_overridden_by_the_rule() -> None:
+    """The remediation declares its target (the URL without query); a rule may name its own."""
+    p = plan("probe-http", instance="web-1")
+    assert p.target == "http://127.0.0.1:15101/hook/web-1"  # type: ignore[attr-defined]
+    config = make_config(
+        rules=[
+            {
+                "name": "t",
+                "match": ['alertname="T"'],
+                "remediation": "run_command",
+                "target": "{{ labels.instance }}",
+                "params": {"command": "record_instance"},
+            }
+        ]
+    )
+    rule = config.rule("t")
+    assert rule is not None
+    assert plan_rule(rule, alert_of(alert_payload("T", instance="db-9")), config).target == "db-9"
+    assert plan("probe-command", instance="h1").target == "record_instance"  # type: ignore[attr-defined]
+
+
+def test_poison_event_is_given_up_with_its_error(sqlite_url: str) -> None:
+    """An event whose handling keeps dying is recorded as given up after the maximum deliveries."""
+    settings = Settings(database_url=sqlite_url, max_deliveries=2)
+    publisher = RecordingPublisher(settings)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    with transaction(sqlite_url) as session:  # two starts that crashed before finishing
+        repository.note_event_delivery(session, event_id)
+        repository.note_event_delivery(session, event_id)
+        repository.note_event_error(session, event_id, error="KeyError: boom")
+    assert handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher) == []
+    with transaction(sqlite_url) as session:
+        event = session.get(AlertEvent, event_id)
+        assert event is not None and event.handled_at is not None
+        assert "gave up after 2 deliveries" in (event.error or "")
+        assert session.scalars(select(Run)).all() == []
+
+
+def test_unhandled_event_is_redelivered_with_backoff(sqlite_url: str) -> None:
+    """An event published but never handled is published again, less often each time."""
+    from datetime import timedelta
+
+    from workers.ledger.models import utcnow
+
+    settings = Settings(database_url=sqlite_url, reconcile_after_s=0, redeliver_after_s=60)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    with transaction(sqlite_url) as session:
+        repository.mark_events_enqueued(session, [event_id])  # published; the message was lost
+    publisher = RecordingPublisher(settings)
+    assert reconcile(settings=settings, publisher=publisher).events == 0  # not due yet
+    with transaction(sqlite_url) as session:
+        event = session.get(AlertEvent, event_id)
+        assert event is not None
+        event.enqueued_at = utcnow() - timedelta(seconds=61)
+    assert reconcile(settings=settings, publisher=publisher).events == 1
+    with transaction(sqlite_url) as session:
+        event = session.get(AlertEvent, event_id)
+        assert event is not None and event.publishes == 2
+        event.enqueued_at = utcnow() - timedelta(seconds=61)  # second wait is 120 s
+    assert reconcile(settings=settings, publisher=publisher).events == 0
+    assert publisher.alerts == [event_id]
+
+
+def test_never_claimed_run_fails_after_max_deliveries(sqlite_url: str) -> None:
+    """A run whose messages never get it started is failed with the reason, not re-sent forever."""
+    from datetime import timedelta
+
+    from workers.ledger.models import utcnow
+
+    settings = Settings(database_url=sqlite_url, reconcile_after_s=0, max_deliveries=2)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=RecordingPublisher(settings))
+    with transaction(sqlite_url) as session:
+        run = session.scalars(select(Run)).one()
+        run.publishes = 2
+        run.enqueued_at = utcnow() - timedelta(days=1)
+        run_id = run.id
+    done = reconcile(settings=settings, publisher=RecordingPublisher(settings))
+    assert (done.runs, done.given_up) == (0, 1)
+    with transaction(sqlite_url) as session:
+        failed = session.get(Run, run_id)
+        assert failed is not None and failed.status == "failed" and "never started" in (failed.error or "")

@@ -164,6 +164,13 @@ def test_default_limit_takes_a_large_group(sqlite_url: str, publisher: Recording
             "status",
         ),
         (body().replace(b"2026-11-23T05:02:19.803814981Z", b"yesterday"), "startsAt"),
+        (body().replace(b"2026-11-23T05:02:19.803814981Z", b"2026-13-45T99:99:99Z"), "startsAt"),
+        (body().replace(b"2026-11-23T05:02:19.803814981Z", b"9999-12-31T23:59:59-23:59"), "startsAt"),
+        (body().replace(b"2026-11-23T05:02:19.803814981Z", b"0001-01-01T00:00:00+01:00"), "startsAt"),
+        (json.dumps({**json.loads(body()), "truncatedAlerts": 10**400}).encode(), "truncatedAlerts"),
+        (json.dumps({**json.loads(body()), "receiver": "a\x00b"}).encode(), "receiver"),
+        (json.dumps({**json.loads(body()), "groupKey": "{}:\x00"}).encode(), "groupKey"),
+        (body().replace(b'"generatorURL": "', b'"generatorURL": "\\u0000'), "generatorURL"),
     ],
 )
 def test_invalid_payload_is_422_with_field_errors(

@@ -86,5 +86,38 @@ def test_huge_output_is_refused() -> None:
     """A template may not blow a 10,000-character label up without bound."""
     ctx = template_context(alert(instance="x" * 10_000))
     assert len(render_string("{{ labels.instance }}", ctx)) == 10_000
-    with pytest.raises(RenderError, match="too large|limit"):
+    with pytest.raises(RenderError, match=r"too large|limit"):
         render_string("{{ labels.instance * 10 }}", ctx)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{{ 'a' * 10**9 }}", "repetition"),
+        ("{{ 'x'.ljust(10**9) }}", "numeric argument"),
+        ("{{ '{:>999999999}'.format(1) }}", "format width"),
+        ("{{ '%0999999d' % 1 }}", "format width"),
+        ("{{ 2 ** 100000 }}", "power"),
+        ("{{ labels.instance | replace('', 'xxxxxxxx') }}", "replace"),
+        ("{% for i in range(100000) %}{% endfor %}", "over 10000"),
+        ("{% for i in range(10000) %}{% for j in range(10000) %}{% endfor %}{% endfor %}", "longer than"),
+    ],
+)
+def test_rendering_is_bounded_in_size_and_time(template: str, message: str) -> None:
+    """Amplifiers are refused before they allocate, and a runaway loop stops at the budget."""
+    import time
+
+    ctx = template_context(alert(instance="x" * 10_000))
+    started = time.monotonic()
+    with pytest.raises(RenderError, match=message):
+        render_string(template, ctx)
+    assert time.monotonic() - started < 3
+
+
+def test_path_segment_refuses_what_walks_out_of_a_directory() -> None:
+    """path_segment keeps a label to one path component."""
+    ctx = template_context(alert(job="api"))
+    assert render_string("/var/log/{{ labels.job | path_segment }}", ctx) == "/var/log/api"
+    for hostile in ("../../etc", "..", ".", "a/b", "", "-rf", "a\\b"):
+        with pytest.raises(RenderError, match="safe path segment"):
+            render_string("{{ labels.job | path_segment }}", template_context(alert(job=hostile)))
