@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,11 +84,10 @@ def wait_for(check: Callable[[], T | None], *, timeout: float, what: str, interv
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def stack_config(target_port: int, tmp: Path) -> dict[str, Any]:
-    """The issue's compatibility config plus a slow command for the fault tests."""
-    slow = tmp / "slow.sh"
-    slow.write_text('#!/bin/sh\necho start >> "$1"\nsleep 3\necho done >> "$1"\n')
-    slow.chmod(0o755)
+def stack_config(
+    target_port: int, tmp: Path, extra_rules: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The issue's compatibility config plus a slow and a long command for the fault tests."""
     config = compat_config(
         target_port,
         [
@@ -96,10 +96,24 @@ def stack_config(target_port: int, tmp: Path) -> dict[str, Any]:
                 "match": ['alertname="ResponderSlow"'],
                 "remediation": "run_command",
                 "params": {"command": "slow"},
-            }
+            },
+            {
+                "name": "probe-long",
+                "match": ['alertname="ResponderLong"'],
+                "remediation": "run_command",
+                "params": {"command": "long"},
+            },
+            *(extra_rules or []),
         ],
     )
-    config["commands"]["slow"] = {"argv": ["/bin/sh", str(slow), str(tmp / "slow.log")], "timeout": "6s"}
+    for name, seconds, timeout in (("slow", 3, "6s"), ("long", 8, "20s")):
+        script = tmp / f"{name}.sh"
+        script.write_text(f'#!/bin/sh\necho start >> "$1"\nsleep {seconds}\necho done >> "$1"\n')
+        script.chmod(0o755)
+        config["commands"][name] = {
+            "argv": ["/bin/sh", str(script), str(tmp / f"{name}.log")],
+            "timeout": timeout,
+        }
     return config
 
 
@@ -109,6 +123,8 @@ class Stack:
 
     tmp: Path
     database_url: str
+    extra_rules: list[dict[str, Any]] = field(default_factory=list)
+    overrides: dict[str, str] = field(default_factory=dict)
     redis: EmbeddedRedis = field(init=False)
     target: TargetServer = field(init=False)
     port: int = field(init=False)
@@ -121,7 +137,7 @@ class Stack:
         self.target = TargetServer()
         self.port = free_port()
         config = self.tmp / "responder.yaml"
-        config.write_text(yaml.safe_dump(stack_config(self.target.port, self.tmp)))
+        config.write_text(yaml.safe_dump(stack_config(self.target.port, self.tmp, self.extra_rules)))
         self.env = {
             **os.environ,
             "RESPONDER_REDIS_URL": self.redis.url,
@@ -133,8 +149,12 @@ class Stack:
             "RESPONDER_RECONCILE_INTERVAL_S": "1",
             "RESPONDER_RECONCILE_AFTER_S": "1",
             "RESPONDER_RETRY_BACKOFF_S": "0.2",
-            # A dead worker's attempt passes its deadline (timeout + margin + 5 s) sooner.
             "RESPONDER_HARD_LIMIT_MARGIN_S": "2",
+            # A dead worker's lease expires (and a lost message is re-sent) within seconds.
+            "RESPONDER_LEASE_S": "3",
+            "RESPONDER_REDELIVER_AFTER_S": "2",
+            "RESPONDER_DB_LOCK_TIMEOUT_S": "2",
+            **self.overrides,
         }
 
     @property
@@ -145,11 +165,31 @@ class Stack:
     def slow_log(self) -> Path:
         return self.tmp / "slow.log"
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def lines(self, name: str) -> list[str]:
+        """The words the slow or long command wrote to its log (start, done)."""
+        path = self.tmp / f"{name}.log"
+        return path.read_text().split() if path.exists() else []
+
+    def restart_redis_empty(self) -> None:
+        """Kill Redis and start it again on the same port with nothing in it (no AOF, no RDB)."""
+        assert self.redis.proc is not None
+        self.redis.proc.kill()
+        self.redis.proc.wait()
+        for leftover in ("appendonlydir", "dump.rdb"):
+            path = self.redis.data_dir / leftover
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        self.redis.start()
+
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start ``responder <args>`` with its output in ``<tmp>/<name>.log``."""
         log = (self.tmp / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", *args],
+            [*(prefix or []), sys.executable, "-m", "workers.cli", *args],
             env=env or self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -176,9 +216,20 @@ class Stack:
 
         wait_for(up, timeout=20, what="the receiver")
 
-    def start_worker(self, name: str = "worker") -> subprocess.Popen[bytes]:
+    def start_worker(
+        self,
+        name: str = "worker",
+        *,
+        queues: str | None = None,
+        concurrency: int = 1,
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
         before = self.log(name).count(" ready.")
-        proc = self.start(name, "worker", "--concurrency", "1", "--without-mingle", "--without-gossip")
+        args = ["worker", "--concurrency", str(concurrency), "--without-mingle", "--without-gossip"]
+        if queues:
+            args += ["--queues", queues]
+        proc = self.start(name, *args, env=env, prefix=prefix)
 
         def ready() -> bool:
             if proc.poll() is not None:
@@ -188,9 +239,13 @@ class Stack:
         wait_for(ready, timeout=30, what="the worker")
         return proc
 
-    def start_all(self) -> None:
+    def start_all(self, *, worker: bool = True) -> None:
         self.start_receiver()
-        self.start_worker()
+        if worker:
+            self.start_worker()
+        self.start_beat()
+
+    def start_beat(self) -> None:
         beat = self.start("beat", "beat")
 
         def beat_ready() -> bool:
@@ -247,8 +302,19 @@ class Stack:
 
         return wait_for(done, timeout=timeout, what=f"a {status} run {filters}")
 
-    def diagnostics(self) -> str:
-        return "\n".join(
-            f"===== {name}.log =====\n{self.log(name)[-6000:]}"
-            for name in ("receiver", "worker", "beat", "worker2")
+    def count(self, name: str, event: str) -> int:
+        """How many JSON log lines of process ``name`` have ``event``."""
+        return self.log(name).count(f'"event": "{event}"')
+
+    def wait_reconcile_passes(self, passes: int, timeout: float = 30, worker: str = "worker") -> None:
+        """Wait until ``passes`` more reconcile passes were logged by ``worker``."""
+        target = self.count(worker, "reconcile_pass") + passes
+        wait_for(
+            lambda: self.count(worker, "reconcile_pass") >= target,
+            timeout=timeout,
+            what=f"{passes} reconcile passes",
         )
+
+    def diagnostics(self) -> str:
+        names = sorted({*self.procs, "receiver", "worker", "beat", "worker2"})
+        return "\n".join(f"===== {name}.log =====\n{self.log(name)[-6000:]}" for name in names)

@@ -154,7 +154,7 @@ def test_whole_worker_killed_mid_run_is_recovered(stack: Stack) -> None:
     stack.start_worker("worker2")
     run = stack.wait_run("succeeded", timeout=90, rule="probe-slow")
     assert [a["outcome"] for a in run["attempts"]] == ["abandoned", "succeeded"]
-    assert "deadline" in (run["attempts"][0]["error"] or "")
+    assert "lease expired" in (run["attempts"][0]["error"] or "")
     time.sleep(4)
     lines = stack.slow_log.read_text().split()
     assert (lines.count("start"), lines.count("done")) == (2, 1)
