@@ -29,13 +29,13 @@ pytestmark = [pytest.mark.redis]
 def ledger_locked(url: str, table: str) -> Iterator[None]:
     """Hold a lock that makes the ledger refuse writers (past their lock timeout) until released."""
     if url.startswith("sqlite"):
-        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-        conn.execute("BEGIN IMMEDIATE")  # the database's one write lock
+        db = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")  # the database's one write lock
         try:
             yield
         finally:
-            conn.rollback()
-            conn.close()
+            db.rollback()
+            db.close()
         return
     engine = make_engine(url)
     with engine.connect() as conn:
