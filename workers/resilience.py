@@ -6,8 +6,8 @@
 - ``ledger_policy``: a task that hit a transient ledger error (lock timeout, lost connection)
   retries itself with the same backoff, ``RESPONDER_LEDGER_RETRIES`` times; past that the row
   is left to the reconciler, which finds it by its state.
-- ``ledger_retrying``: recording an attempt's end, in-process (tenacity), within one lease: the
-  action already happened, so its record is worth waiting a little for.
+- ``ledger_retrying``: recording an attempt's end, in-process (tenacity), for up to a minute:
+  the action already happened, so its record is worth waiting for.
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ def ledger_policy(settings: Settings) -> RetryPolicy:
     )
 
 
-def ledger_retrying(settings: Settings) -> Callable[[Callable[[], T]], T]:
-    """Call a ledger write, retrying transient errors for up to one lease."""
+def ledger_retrying(settings: Settings, *, within_s: float | None = None) -> Callable[[Callable[[], T]], T]:
+    """Call a ledger write, retrying transient errors for ``within_s`` (default one lease)."""
 
     def call(fn: Callable[[], T]) -> T:
         retrying = Retrying(
             retry=retry_if_exception(
                 lambda e: isinstance(e, SQLAlchemyError) and is_transient_ledger_error(e)
             ),
-            stop=stop_after_delay(settings.lease_s),
+            stop=stop_after_delay(settings.lease_s if within_s is None else within_s),
             wait=wait_random_exponential(multiplier=0.2, max=5),
             reraise=True,
         )

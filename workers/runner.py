@@ -86,8 +86,10 @@ def check_delivery_settings(settings: Settings, config: ResponderConfig) -> None
 class Heartbeat(threading.Thread):
     """Renews an attempt's lease every ``lease_s / 3``; sets ``cancelled`` once it is lost.
 
-    The local expiry is counted from before each renewal was sent, so this worker gives up
-    acting no later than the ledger (which another worker's reconciler reads) expires the lease.
+    Each renewal runs in a thread of its own, so a ledger that hangs (a network partition
+    leaves sockets waiting, not failing) cannot stop this one from noticing that the lease ran
+    out. The local expiry is counted from before each renewal was sent, so this worker stops
+    acting no later than the ledger, which other workers' reconcilers read, expires the lease.
     """
 
     def __init__(self, *, url: str, attempt_id: int, lease_s: float, cancelled: threading.Event) -> None:
@@ -98,31 +100,38 @@ class Heartbeat(threading.Thread):
         self.cancelled = cancelled
         self.expires = time.monotonic() + lease_s
         self._stop = threading.Event()
+        self._renewal: threading.Thread | None = None
         self.lost: str | None = None
 
     def run(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            sent = time.monotonic()
-            try:
-                with transaction(self.url) as session:
-                    renewed = repository.renew_lease(
-                        session, self.attempt_id, now=db_now(session), lease_s=self.lease_s
-                    )
-            except SQLAlchemyError as exc:
-                if time.monotonic() < self.expires:
-                    log.warning("lease_renewal_failed", error_type=type(exc).__name__)
-                    continue
+        while not self._stop.wait(self.lease_s / 3) and self.lost is None:
+            if time.monotonic() >= self.expires:
                 self._lose("lease expired: the ledger could not be reached to renew it")
                 return
-            if not renewed:
-                self._lose("superseded: the attempt was abandoned or its run cancelled")
-                return
-            self.expires = sent + self.lease_s
+            if self._renewal is None or not self._renewal.is_alive():
+                self._renewal = threading.Thread(target=self._renew, name=f"{self.name}-renew", daemon=True)
+                self._renewal.start()
+
+    def _renew(self) -> None:
+        sent = time.monotonic()
+        try:
+            with transaction(self.url) as session:
+                renewed = repository.renew_lease(
+                    session, self.attempt_id, now=db_now(session), lease_s=self.lease_s
+                )
+        except SQLAlchemyError as exc:
+            log.warning("lease_renewal_failed", error_type=type(exc).__name__)
+            return
+        if renewed:
+            self.expires = max(self.expires, sent + self.lease_s)
+        elif not self._stop.is_set():
+            self._lose("superseded: the attempt was abandoned or its run cancelled")
 
     def _lose(self, reason: str) -> None:
-        self.lost = reason
-        self.cancelled.set()
-        log.warning("lease_lost", reason=reason)
+        if self.lost is None:
+            self.lost = reason
+            self.cancelled.set()
+            log.warning("lease_lost", reason=reason)
 
     def stop(self) -> None:
         """Stop renewing (the attempt is being closed)."""
@@ -159,8 +168,9 @@ def _finish(settings: Settings, **values: Any) -> bool:
     """Close the attempt, retrying ledger errors (the action is done: its record must land).
 
     Returns False when the attempt no longer owned its run, or when the ledger stayed
-    unreachable for a whole lease: then the lease expires and the reconciler takes the run over,
-    as it would for a dead worker.
+    unreachable for a minute: the lease expires meanwhile and the reconciler takes the run over,
+    as it would for a dead worker. Trying longer is safe: the write is a compare-and-set, so a
+    result that lands late is kept on the attempt alone.
     """
 
     def record() -> bool:
@@ -168,7 +178,7 @@ def _finish(settings: Settings, **values: Any) -> bool:
             return repository.finish_attempt(session, **values)
 
     try:
-        return ledger_retrying(settings)(record)
+        return ledger_retrying(settings, within_s=max(60.0, settings.lease_s))(record)
     except SQLAlchemyError as exc:
         log.error(  # noqa: TRY400 - the driver's traceback can hold the database URL
             "attempt_not_recorded", error_type=type(exc).__name__, outcome=values.get("outcome")

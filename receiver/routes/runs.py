@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, computed_field
@@ -13,12 +13,10 @@ from receiver.errors import ApiError
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import Run
+from workers.ledger.states import RunStatus
 from workers.telemetry import redact
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[RequireOperator])
-
-RunStatus = Literal["queued", "running", "succeeded", "failed", "skipped"]
-
 
 Redacted = Annotated[dict[str, Any] | None, AfterValidator(redact)]
 
@@ -32,6 +30,8 @@ class AttemptOut(BaseModel):
     started_at: datetime
     ended_at: datetime | None
     outcome: str
+    # Reported by an abandoned attempt's worker after the run was taken over (changed nothing).
+    late_outcome: str | None
     error: str | None
     worker: str
     output: Redacted
@@ -55,6 +55,11 @@ class RunOut(BaseModel):
     starts_at: str | None
     event_id: str | None
     trigger: str
+    target: str | None
+    destructive: bool
+    idempotency_key: str | None
+    parent_run_id: str | None
+    step: str | None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -85,7 +90,7 @@ def list_runs(
 ) -> RunList:
     """Runs matching every filter given, newest first."""
     filters = repository.RunFilter(
-        status=status, rule=rule, remediation=remediation, fingerprint=fingerprint, limit=limit
+        status=status.value if status else None, rule=rule, remediation=remediation, fingerprint=fingerprint, limit=limit
     )
     with transaction(settings.database_url) as session:
         return RunList(runs=[RunOut.model_validate(run) for run in repository.list_runs(session, filters)])

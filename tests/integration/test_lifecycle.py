@@ -47,6 +47,16 @@ def ledger_locked(url: str, table: str) -> Iterator[None]:
     engine.dispose()
 
 
+def report(test: str, stack: Stack, *, sent: int, expected: int) -> None:
+    """One line of figures per fault test (``pytest -s`` shows them): sent, acted, lost, twice."""
+    calls = [c.path for c in stack.target.calls]
+    acted = len(set(calls))
+    print(  # noqa: T201 - the figures the fault tests are quoted by
+        f"FAULT {test} [{stack.database_url.split(':')[0]}]: alerts sent {sent}, actions {len(calls)}, "
+        f"lost {expected - acted}, duplicated {len(calls) - acted}"
+    )
+
+
 def settle(stack: Stack, worker: str = "worker") -> None:
     """Let two reconcile passes run, so anything that would be re-sent or run twice has been."""
     stack.wait_reconcile_passes(2, worker=worker)
@@ -68,6 +78,7 @@ def test_handle_alert_ledger_error_is_retried(
         )
     run = stack.wait_run("succeeded", timeout=60, rule="probe-http")
     settle(stack)
+    report("handle_alert ledger error", stack, sent=1, expected=1)
     assert [c.path for c in stack.target.calls] == ["/hook/locked-1"]
     assert [r["id"] for r in stack.runs()] == [run["id"]]
 
@@ -88,6 +99,7 @@ def test_claim_ledger_error_is_retried(stack_factory: type[Stack], ledger_url: s
         )
     run = stack.wait_run("succeeded", timeout=60, rule="probe-http")
     settle(stack, worker="planner")
+    report("claim ledger error", stack, sent=1, expected=1)
     assert [a["outcome"] for a in stack.runs()[0]["attempts"]] == ["succeeded"]
     assert [c.path for c in stack.target.calls] == ["/hook/claim-1"] and run["status"] == "succeeded"
 
@@ -109,6 +121,7 @@ def test_redis_restarted_empty_loses_nothing(stack: Stack) -> None:
 
     wait_for(all_done, timeout=120, what="all 20 runs to succeed")
     settle(stack)
+    report(f"Redis restarted empty ({lost_at_restart} not yet acted on)", stack, sent=20, expected=20)
     paths = sorted(c.path for c in stack.target.calls)
     assert paths == sorted(f"/hook/{i}" for i in instances), f"{lost_at_restart} were in flight"
     beat = stack.procs["beat"]
@@ -169,7 +182,9 @@ def test_firing_and_resolved_during_outage_act_on_nothing(stack: Stack) -> None:
 
     wait_for(both_handled, timeout=30, what="both events to be handled")
     settle(stack)
+    report("firing+resolved during outage", stack, sent=2, expected=0)
     assert stack.target.calls == []
+    assert stack.procs["beat"].poll() is None, "beat exited during the Redis outage"
 
 
 def test_heartbeat_keeps_a_long_remediation_single(stack: Stack) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from workers.ledger.models import utcnow
 
 PG_CONNECT_TIMEOUT_S = 5
+PG_TCP_USER_TIMEOUT_MS = 10_000
 # How long a statement waits for a lock before failing (SQLite's busy timeout, PostgreSQL's
 # lock_timeout): a task then retries with backoff instead of holding a worker slot forever.
 _lock_timeout_s = 30.0
@@ -75,6 +76,13 @@ def make_engine(url: str) -> Engine:
         connect_args={
             "connect_timeout": PG_CONNECT_TIMEOUT_S,
             "options": f"-c lock_timeout={int(_lock_timeout_s * 1000)}",
+            # A partition leaves sockets waiting, not failing: give up on unacknowledged data
+            # and probe idle connections, so a cut-off process errors out and reconnects.
+            "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 3,
+            "keepalives_count": 3,
         },
     )
 
