@@ -90,7 +90,11 @@ def list_runs(
 ) -> RunList:
     """Runs matching every filter given, newest first."""
     filters = repository.RunFilter(
-        status=status.value if status else None, rule=rule, remediation=remediation, fingerprint=fingerprint, limit=limit
+        status=status.value if status else None,
+        rule=rule,
+        remediation=remediation,
+        fingerprint=fingerprint,
+        limit=limit,
     )
     with transaction(settings.database_url) as session:
         return RunList(runs=[RunOut.model_validate(run) for run in repository.list_runs(session, filters)])

@@ -51,7 +51,7 @@ def report(test: str, stack: Stack, *, sent: int, expected: int) -> None:
     """One line of figures per fault test (``pytest -s`` shows them): sent, acted, lost, twice."""
     calls = [c.path for c in stack.target.calls]
     acted = len(set(calls))
-    print(  # noqa: T201 - the figures the fault tests are quoted by
+    print(
         f"FAULT {test} [{stack.database_url.split(':')[0]}]: alerts sent {sent}, actions {len(calls)}, "
         f"lost {expected - acted}, duplicated {len(calls) - acted}"
     )

@@ -31,7 +31,8 @@ def test_compose_has_every_service_and_safe_redis() -> None:
         "postgres",
         "migrate",
         "receiver",
-        "worker",
+        "worker-alerts",
+        "worker-remediations",
         "beat",
         "alertmanager",
         "prometheus",
@@ -39,6 +40,8 @@ def test_compose_has_every_service_and_safe_redis() -> None:
     redis_cmd = compose["services"]["redis"]["command"]
     assert "--appendonly" in redis_cmd and "noeviction" in redis_cmd
     assert "RESPONDER_INGEST_TOKENS:?" in text
+    queues = [compose["services"][w]["command"] for w in ("worker-alerts", "worker-remediations")]
+    assert queues == [["worker", "--queues", "alerts,maintenance"], ["worker", "--queues", "remediations"]]
 
 
 def test_alertmanager_config_is_valid() -> None:
