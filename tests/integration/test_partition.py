@@ -164,8 +164,8 @@ def test_partitioned_worker_is_taken_over_once(
         assert stack.lines("long") == ["start", "start", "done"]
 
         def late_reported() -> str | None:
-            attempt = stack.runs(rule="probe-long")[0]["attempts"][0]
-            return attempt["late_outcome"]
+            late: str | None = stack.runs(rule="probe-long")[0]["attempts"][0]["late_outcome"]
+            return late
 
         late = wait_for(late_reported, timeout=90, what="the cut-off worker's late result")
         stack.wait_reconcile_passes(2, worker="worker2")
