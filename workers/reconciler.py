@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from workers import telemetry
-from workers.ledger import repository
+from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, transaction
 from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_events, publish_runs
@@ -42,7 +42,7 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
     """One pass: abandon expired attempts, give up undeliverable runs, publish what is not done."""
     with transaction(settings.database_url) as session:
         now = db_now(session)
-        stale = repository.requeue_stale_runs(session, now=now, limit=BATCH)
+        stale = attempts.requeue_stale_runs(session, now=now, limit=BATCH)
     if stale:
         log.warning("stale_attempts_abandoned", runs=len(stale))
     cutoff = now - timedelta(seconds=settings.reconcile_after_s)
@@ -65,7 +65,7 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
         ):
             if run.publishes >= settings.max_deliveries:
                 error = f"never started after {run.publishes} deliveries; giving up"
-                if repository.transition_run(
+                if attempts.transition_run(
                     session, run.id, RunStatus.FAILED, expect=[RunStatus.QUEUED], error=error
                 ):
                     given_up += 1

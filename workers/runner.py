@@ -31,7 +31,7 @@ from remediations import (
 )
 from workers import telemetry
 from workers.config import ResponderConfig
-from workers.ledger import repository
+from workers.ledger import attempts
 from workers.ledger.db import db_now, transaction
 from workers.ledger.models import AlertEvent, Run
 from workers.planner import event_alert
@@ -116,7 +116,7 @@ class Heartbeat(threading.Thread):
         sent = time.monotonic()
         try:
             with transaction(self.url) as session:
-                renewed = repository.renew_lease(
+                renewed = attempts.renew_lease(
                     session, self.attempt_id, now=db_now(session), lease_s=self.lease_s
                 )
         except SQLAlchemyError as exc:
@@ -175,7 +175,7 @@ def _finish(settings: Settings, **values: Any) -> bool:
 
     def record() -> bool:
         with transaction(settings.database_url) as session:
-            return repository.finish_attempt(session, **values)
+            return attempts.finish_attempt(session, **values)
 
     try:
         return ledger_retrying(settings, within_s=max(60.0, settings.lease_s))(record)
@@ -189,7 +189,7 @@ def _finish(settings: Settings, **values: Any) -> bool:
 def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderConfig) -> Execution:
     """Run one attempt of ``run_id`` if it is due; record it and say what comes next."""
     with transaction(settings.database_url) as session:
-        claim = repository.claim_run(
+        claim = attempts.claim_run(
             session,
             run_id=run_id,
             task_id=task_id,

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from tests.helpers import FIXTURES
 from workers.admission import Admission, RunRequest, admit
 from workers.alerts import WebhookPayload
-from workers.ledger import repository
+from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, get_engine, transaction
 from workers.ledger.models import AlertEvent, Base, Run, utcnow
 from workers.ledger.states import RunStatus
@@ -147,9 +147,9 @@ def test_admission_guards_in_order(ledger_url: str) -> None:
         assert run is not None and run.skip_reason == "resolved" and run.finished_at is not None
 
 
-def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> repository.Claim:
+def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> attempts.Claim:
     with transaction(url) as session:
-        return repository.claim_run(
+        return attempts.claim_run(
             session,
             run_id=run_id,
             task_id=task_id,
@@ -161,7 +161,7 @@ def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> repositor
 
 def finish(url: str, attempt_id: int | None, outcome: str, run_status: str) -> bool:
     with transaction(url) as session:
-        return repository.finish_attempt(
+        return attempts.finish_attempt(
             session,
             attempt_id=attempt_id or 0,
             outcome=outcome,  # type: ignore[arg-type]
@@ -216,9 +216,9 @@ def test_transitions_are_compare_and_set(ledger_url: str) -> None:
     """A transition from a status the table does not allow, or not expected, changes nothing."""
     run_id = _run(ledger_url)
     with transaction(ledger_url) as session:
-        assert not repository.transition_run(session, run_id, RunStatus.SUCCEEDED)  # queued -> succeeded
-        assert repository.transition_run(session, run_id, RunStatus.CANCELLED, expect=[RunStatus.QUEUED])
-        assert not repository.transition_run(session, run_id, RunStatus.QUEUED)  # final
+        assert not attempts.transition_run(session, run_id, RunStatus.SUCCEEDED)  # queued -> succeeded
+        assert attempts.transition_run(session, run_id, RunStatus.CANCELLED, expect=[RunStatus.QUEUED])
+        assert not attempts.transition_run(session, run_id, RunStatus.QUEUED)  # final
     with transaction(ledger_url) as session:
         run = session.get(Run, run_id)
         assert run is not None and run.status == "cancelled" and run.finished_at is not None
@@ -243,13 +243,13 @@ def test_lease_renewal_keeps_an_attempt_alive(ledger_url: str) -> None:
     first = claim(ledger_url, run_id, "task-a", lease_s=-1)
     with transaction(ledger_url) as session:
         now = db_now(session)
-        assert repository.renew_lease(session, first.attempt_id or 0, now=now, lease_s=60)
+        assert attempts.renew_lease(session, first.attempt_id or 0, now=now, lease_s=60)
     with transaction(ledger_url) as session:
-        assert repository.requeue_stale_runs(session, now=db_now(session), limit=10) == []
+        assert attempts.requeue_stale_runs(session, now=db_now(session), limit=10) == []
     assert claim(ledger_url, run_id, "task-b").kind == "busy"
     assert finish(ledger_url, first.attempt_id, "succeeded", "succeeded")
     with transaction(ledger_url) as session:
-        assert not repository.renew_lease(session, first.attempt_id or 0, now=utcnow(), lease_s=60)
+        assert not attempts.renew_lease(session, first.attempt_id or 0, now=utcnow(), lease_s=60)
 
 
 def test_timestamps_come_back_aware_utc(ledger_url: str) -> None:
@@ -267,7 +267,7 @@ def test_stale_attempts_are_requeued(ledger_url: str) -> None:
     claim(ledger_url, stale_run, "task-a", lease_s=-1)
     claim(ledger_url, live_run, "task-b")
     with transaction(ledger_url) as session:
-        assert repository.requeue_stale_runs(session, now=utcnow(), limit=10) == [stale_run]
+        assert attempts.requeue_stale_runs(session, now=utcnow(), limit=10) == [stale_run]
     with transaction(ledger_url) as session:
         run = session.get(Run, stale_run)
         live = session.get(Run, live_run)

@@ -1,6 +1,6 @@
 """The run and attempt state machines: every status, and which transitions are allowed.
 
-Every write of a status goes through ``repository.transition_run`` or an attempt update with the
+Every write of a status goes through ``attempts.transition_run`` or an attempt update with the
 expected source statuses in its ``WHERE`` clause (compare-and-set, rowcount checked), so two
 writers (a late worker and the reconciler, an operator and a worker) can never overwrite each
 other: the second one finds the row already moved and backs off.
