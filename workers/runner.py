@@ -99,12 +99,12 @@ class Heartbeat(threading.Thread):
         self.lease_s = lease_s
         self.cancelled = cancelled
         self.expires = time.monotonic() + lease_s
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._renewal: threading.Thread | None = None
         self.lost: str | None = None
 
     def run(self) -> None:
-        while not self._stop.wait(self.lease_s / 3) and self.lost is None:
+        while not self._stopping.wait(self.lease_s / 3) and self.lost is None:
             if time.monotonic() >= self.expires:
                 self._lose("lease expired: the ledger could not be reached to renew it")
                 return
@@ -124,7 +124,7 @@ class Heartbeat(threading.Thread):
             return
         if renewed:
             self.expires = max(self.expires, sent + self.lease_s)
-        elif not self._stop.is_set():
+        elif not self._stopping.is_set():
             self._lose("superseded: the attempt was abandoned or its run cancelled")
 
     def _lose(self, reason: str) -> None:
@@ -135,7 +135,7 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         """Stop renewing (the attempt is being closed)."""
-        self._stop.set()
+        self._stopping.set()
         if self.is_alive():
             self.join(timeout=self.lease_s)
 

@@ -16,7 +16,7 @@ from workers.admission import Admission, RunRequest, admit
 from workers.alerts import WebhookPayload
 from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, get_engine, transaction
-from workers.ledger.models import AlertEvent, Base, Run, utcnow
+from workers.ledger.models import AlertEvent, Attempt, Base, Run, utcnow
 from workers.ledger.states import RunStatus
 
 
@@ -276,3 +276,26 @@ def test_stale_attempts_are_requeued(ledger_url: str) -> None:
         assert [a.outcome for a in run.attempts] == ["abandoned"]
         assert live.status == "running"
     assert claim(ledger_url, stale_run, "task-c").number == 2
+
+
+def test_heartbeat_renews_then_notices_it_was_superseded(ledger_url: str) -> None:
+    """The heartbeat keeps a lease alive, stops cleanly, and cancels the attempt once superseded."""
+    import threading
+    import time
+
+    from workers.runner import Heartbeat
+
+    run_id = _run(ledger_url)
+    first = claim(ledger_url, run_id, "task-a", lease_s=1)
+    cancelled = threading.Event()
+    beat = Heartbeat(url=ledger_url, attempt_id=first.attempt_id or 0, lease_s=1, cancelled=cancelled)
+    beat.start()
+    time.sleep(1.5)  # past the first lease: only renewals keep it
+    assert claim(ledger_url, run_id, "task-b").kind == "busy" and not cancelled.is_set()
+    with transaction(ledger_url) as session:  # an operator cancels the run: the attempt is closed
+        attempt = session.get(Attempt, first.attempt_id)
+        assert attempt is not None
+        assert attempts.abandon_attempt(session, attempt, now=db_now(session), error="operator")
+    assert cancelled.wait(5) and beat.lost is not None and "superseded" in beat.lost
+    beat.stop()
+    assert not beat.is_alive()
