@@ -107,7 +107,7 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
 
 @shared_task(name=RECONCILE, ignore_result=True)
 def reconcile() -> dict[str, int]:
-    """Publish what was recorded but never published; one reconciler at a time (Redis lock)."""
+    """Re-send whatever the ledger says is not done; one reconciler at a time (Redis lock)."""
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
     lock = client.lock("responder:lock:reconcile", timeout=300, blocking=False)
