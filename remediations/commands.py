@@ -122,10 +122,11 @@ def _group_members(pgid: int) -> int:
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL the command's whole process group; returns how many processes were in it."""
+    """SIGKILL what is left of the command's process group; returns how many processes that was."""
     members = _group_members(proc.pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    if members:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     return members
 
 
@@ -191,8 +192,7 @@ def run_command(ctx: RemediationContext, params: RunCommandParams) -> Remediatio
         # is left of the group after the command (a child it started in the background) is
         # killed too: an orphan must not go on acting after the attempt is recorded.
         reason = stop_reason or "left running after the command exited"
-        if proc.poll() is None or _group_members(proc.pid):
-            killed = _kill_group(proc)
+        killed = _kill_group(proc)
         proc.wait()
     incomplete = False
     for reader in readers:

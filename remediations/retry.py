@@ -57,16 +57,12 @@ class RetryPolicy:
         retry_after = error.retry_after if isinstance(error, TransientError) else None
         return self.delay(state.attempt_number, retry_after=retry_after)
 
-    def call(self, fn: Callable[..., T], *args: Any, sleep: Callable[[float], None] | None = None) -> T:
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Call ``fn(*args)``, retrying ``TransientError`` by this policy (tenacity)."""
-        options: dict[str, Any] = {}
-        if sleep is not None:
-            options["sleep"] = sleep
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts),
             wait=self._wait,
             retry=retry_if_exception_type(TransientError),
             reraise=True,
-            **options,
         )
         return retrying(fn, *args)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from workers.ledger import repository
-from workers.ledger.models import Run, utcnow
+from workers.ledger.models import utcnow
 from workers.ledger.states import RunStatus
 
 Trigger = Literal["alert", "manual", "schedule", "step"]
@@ -78,13 +78,15 @@ class Admission:
     timeout_s: float
 
 
-def decide(request: RunRequest, *, episode_resolved: bool) -> tuple[RunStatus, str | None]:
+def decide(
+    *, trigger: Trigger, mode: Mode, error: str | None, episode_resolved: bool
+) -> tuple[RunStatus, str | None]:
     """The guards, in order: the status a request is admitted in and the reason."""
-    if request.error is not None:
+    if error is not None:
         return RunStatus.FAILED, "invalid"
-    if request.trigger == "alert" and episode_resolved:
+    if trigger == "alert" and episode_resolved:
         return RunStatus.SKIPPED, "resolved"
-    if request.mode == "dry_run":
+    if mode == "dry_run":
         return RunStatus.SKIPPED, "dry_run"
     return RunStatus.QUEUED, None
 
@@ -97,7 +99,12 @@ def admit(session: Session, requests: Sequence[RunRequest]) -> list[Admission]:
         episode = (request.fingerprint or "", request.starts_at or "")
         if request.trigger == "alert" and episode not in resolved:
             resolved[episode] = repository.episode_resolved(session, *episode)
-        status, reason = decide(request, episode_resolved=resolved.get(episode, False))
+        status, reason = decide(
+            trigger=request.trigger,
+            mode=request.mode,
+            error=request.error,
+            episode_resolved=resolved.get(episode, False),
+        )
         key = request.dedupe_key()
         run_id = repository.insert_run(
             session,
@@ -127,8 +134,7 @@ def admit(session: Session, requests: Sequence[RunRequest]) -> list[Admission]:
         if run_id is not None:
             admissions.append(Admission(run_id, status, reason, True, request.timeout_s))
             continue
-        existing_id = repository.run_id_by_key(session, key)
-        existing = session.get(Run, existing_id) if existing_id is not None else None
+        existing = repository.run_by_key(session, key)
         if existing is None:  # pragma: no cover - the conflicting row is committed and never deleted
             raise LookupError(f"no run for dedupe key {key!r}")
         admissions.append(

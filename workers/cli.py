@@ -207,7 +207,7 @@ def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
                 "status": alert.status,
                 "labels": alert.labels,
                 "matched_rules": [rule.name for rule in rules],
-                "plans": [telemetry.redact(vars(plan)) for plan in plans],
+                "plans": [telemetry.redact(plan.report()) for plan in plans],
             }
         )
     if as_json:

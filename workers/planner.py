@@ -8,15 +8,15 @@ Every plan is admitted through ``workers.admission`` (the guards, one recorded d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
 from workers import telemetry
-from workers.admission import RunRequest, admit
+from workers.admission import Mode, RunRequest, admit, decide
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
 from workers.ledger import repository
@@ -32,19 +32,41 @@ log = telemetry.get_logger(__name__)
 
 @dataclass(frozen=True)
 class Plan:
-    """What one rule would do for one alert: status, params as they would run, or why not."""
+    """What one rule would do for one alert: params as they would run, or why not.
+
+    Its ``status`` is the admission guards' verdict (``workers.admission.decide``) for a firing
+    alert whose episode has not resolved: what ``config test`` shows and ``admit`` records.
+    """
 
     rule: str
     remediation: str
-    mode: str
-    status: Literal["queued", "failed", "skipped"]
+    mode: Mode
     params: dict[str, Any] = field(default_factory=dict)
     preflight: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 0.0
-    skip_reason: str | None = None
     error: str | None = None
     target: str | None = None
     destructive: bool = True
+
+    @property
+    def verdict(self) -> tuple[RunStatus, str | None]:
+        """(status, reason) the guards give this plan."""
+        return decide(trigger="alert", mode=self.mode, error=self.error, episode_resolved=False)
+
+    @property
+    def status(self) -> RunStatus:
+        """``queued``, ``failed`` (invalid) or ``skipped`` (dry run)."""
+        return self.verdict[0]
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why it would be skipped, if it would."""
+        status, reason = self.verdict
+        return reason if status == RunStatus.SKIPPED else None
+
+    def report(self) -> dict[str, Any]:
+        """The plan as data, with its verdict (``responder config test``)."""
+        return {**asdict(self), "status": self.status.value, "skip_reason": self.skip_reason}
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -75,11 +97,8 @@ def _plan(
     params = definition.validate(rendered)
     preflight = definition.preflight(config.context(render=renderer(context)), params)
     target = target_of(rule.target or definition.target, params, context)
-    status: Literal["queued", "skipped"] = "skipped" if rule.mode == "dry_run" else "queued"
     return Plan(
         **base,
-        status=status,
-        skip_reason="dry_run" if status == "skipped" else None,
         params=params.model_dump(mode="json", by_alias=True),
         preflight=preflight.details,
         timeout_s=preflight.timeout,
@@ -112,7 +131,7 @@ def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig) -> Plan:
     except Exception as exc:  # RecursionError, MemoryError, TypeError...: one rule, not the alert
         log.warning("rule_planning_crashed", rule=rule.name, error_type=type(exc).__name__, exc_info=True)
         error = f"unexpected {type(exc).__name__}: {str(exc)[:500]}"
-    return Plan(**base, status="failed", error=error)
+    return Plan(**base, error=error)
 
 
 def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
@@ -122,7 +141,7 @@ def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
         remediation=plan.remediation,
         params=plan.params,
         rule=plan.rule,
-        mode="dry_run" if plan.mode == "dry_run" else "enforce",
+        mode=plan.mode,
         target=plan.target,
         destructive=plan.destructive,
         timeout_s=plan.timeout_s,

@@ -52,15 +52,20 @@ def _rowcount(result: Any) -> int:
     return count
 
 
-def _close_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome, **values: Any) -> bool:
-    """Move a running attempt to ``outcome``; False if it was no longer running."""
+def _update_running_attempt(session: Session, attempt_id: int, **values: Any) -> bool:
+    """Update an attempt only while it is running (compare-and-set); False if it was not."""
     result = session.execute(
         update(Attempt)
         .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RUNNING)
-        .values(outcome=outcome.value, **values)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return _rowcount(result) == 1
+
+
+def _close_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome, **values: Any) -> bool:
+    """Move a running attempt to ``outcome``; False if it was no longer running."""
+    return _update_running_attempt(session, attempt_id, outcome=outcome.value, **values)
 
 
 def abandon_attempt(session: Session, attempt: Attempt, *, now: datetime, error: str) -> bool:
@@ -92,13 +97,9 @@ def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[s
 
 def renew_lease(session: Session, attempt_id: int, *, now: datetime, lease_s: float) -> bool:
     """Extend a running attempt's lease; False when it is no longer running (it was superseded)."""
-    result = session.execute(
-        update(Attempt)
-        .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RUNNING)
-        .values(deadline_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
-        .execution_options(synchronize_session=False)
+    return _update_running_attempt(
+        session, attempt_id, deadline_at=now + timedelta(seconds=lease_s), heartbeat_at=now
     )
-    return _rowcount(result) == 1
 
 
 ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted", "resolved"]
@@ -112,7 +113,6 @@ class Claim:
     attempt_id: int | None = None
     number: int = 0
     abandoned: list[int] = field(default_factory=list)
-    lease_until: datetime | None = None
 
 
 def claim_run(
@@ -194,7 +194,6 @@ def claim_run(
     session.flush()
     claim.attempt_id = attempt.id
     claim.number = attempt.number
-    claim.lease_until = attempt.deadline_at
     return claim
 
 

@@ -133,6 +133,11 @@ def redelivery_due(published_at: datetime | None, publishes: int, *, now: dateti
     return published_at <= now - timedelta(seconds=after_s * 2 ** min(max(publishes - 1, 0), 6))
 
 
+def _unpublished_since(published_at: Any, since: datetime) -> Any:
+    """SQL: never published, or last published at or before ``since`` (``redelivery_due`` refines)."""
+    return or_(published_at.is_(None), published_at <= since)
+
+
 def events_to_enqueue(
     session: Session, *, received_before: datetime, now: datetime, redeliver_after_s: float, limit: int
 ) -> list[str]:
@@ -146,10 +151,7 @@ def events_to_enqueue(
         .where(
             AlertEvent.handled_at.is_(None),
             AlertEvent.received_at < received_before,
-            or_(
-                AlertEvent.enqueued_at.is_(None),
-                AlertEvent.enqueued_at <= now - timedelta(seconds=redeliver_after_s),
-            ),
+            _unpublished_since(AlertEvent.enqueued_at, now - timedelta(seconds=redeliver_after_s)),
         )
         .order_by(AlertEvent.received_at)
         .limit(limit)
@@ -165,7 +167,6 @@ def events_to_enqueue(
 class Delivery:
     """One start of ``handle_alert`` on an event: whether to plan, and the count so far."""
 
-    event_id: str
     deliveries: int
     handled: bool
     missing: bool = False
@@ -175,11 +176,11 @@ def note_event_delivery(session: Session, event_id: str) -> Delivery:
     """Count a start of ``handle_alert`` (committed on its own, so a crash still counts)."""
     event = session.get(AlertEvent, event_id, with_for_update=True)
     if event is None:
-        return Delivery(event_id, 0, handled=False, missing=True)
+        return Delivery(0, handled=False, missing=True)
     if event.handled_at is not None:
-        return Delivery(event_id, event.deliveries, handled=True)
+        return Delivery(event.deliveries, handled=True)
     event.deliveries += 1
-    return Delivery(event_id, event.deliveries, handled=False)
+    return Delivery(event.deliveries, handled=False)
 
 
 def give_up_event(session: Session, event_id: str, *, error: str) -> None:
@@ -222,9 +223,9 @@ def insert_run(session: Session, values: dict[str, Any]) -> str | None:
     return session.scalars(statement).first()
 
 
-def run_id_by_key(session: Session, dedupe_key: str) -> str | None:
+def run_by_key(session: Session, dedupe_key: str) -> Run | None:
     """The run already admitted under ``dedupe_key``, if any."""
-    return session.scalar(select(Run.id).where(Run.dedupe_key == dedupe_key))
+    return session.scalar(select(Run).where(Run.dedupe_key == dedupe_key))
 
 
 def mark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
@@ -244,7 +245,7 @@ def runs_to_enqueue(
         .where(
             Run.status == RunStatus.QUEUED,
             Run.updated_at < updated_before,
-            or_(Run.enqueued_at.is_(None), Run.enqueued_at <= now - timedelta(seconds=redeliver_after_s)),
+            _unpublished_since(Run.enqueued_at, now - timedelta(seconds=redeliver_after_s)),
         )
         .order_by(Run.created_at)
         .limit(limit)
