@@ -102,37 +102,55 @@ def _check_args(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
             raise RenderLimitError(f"numeric argument {arg} over {LIMITS.max_number_arg}")
 
 
-def _bounded_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _check_deadline()
-        _check_args(args[1:] if args and not isinstance(args[0], (int, float)) else args, kwargs)
-        if fn.__name__ == "do_format" and args and isinstance(args[0], str):
-            _check_format(args[0])
-        if fn.__name__ in ("do_replace", "replace") and len(args) >= 3:
-            _check_replace(*args)
-        if fn.__name__ == "do_indent" and args and isinstance(args[0], str):
-            width = args[1] if len(args) > 1 else kwargs.get("width", 4)
-            if isinstance(width, int) and (args[0].count("\n") + 1) * width > LIMITS.max_chars:
-                raise RenderLimitError("indent result too large")
-        return _check_size(fn(*args, **kwargs))
-
-    return wrapper
-
-
 def _check_format(template: str) -> None:
     if _HUGE_PERCENT_WIDTH.search(template) or _HUGE_BRACE_WIDTH.search(template):
         raise RenderLimitError("format width or precision too large")
 
 
-def _check_replace(*args: Any) -> None:
+def _check_format_filter(value: Any, _args: tuple[Any, ...], _kwargs: Mapping[str, Any]) -> None:
+    if isinstance(value, str):
+        _check_format(value)
+
+
+def _check_replace(value: Any, args: tuple[Any, ...], _kwargs: Mapping[str, Any]) -> None:
     # replace(s, old, new): the result can be len(s) times longer than s when old is ''.
-    strings = [a for a in args if isinstance(a, str)]
-    if len(strings) >= 3:
-        text, old, new = strings[-3], strings[-2], strings[-1]
-        hits = len(text) + 1 if old == "" else text.count(old)
-        if len(text) + hits * (len(new) - len(old)) > LIMITS.max_chars:
+    if isinstance(value, str) and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        old, new = args[0], args[1]
+        hits = len(value) + 1 if old == "" else value.count(old)
+        if len(value) + hits * (len(new) - len(old)) > LIMITS.max_chars:
             raise RenderLimitError("replace result too large")
+
+
+def _check_indent(value: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    width = args[0] if args else kwargs.get("width", 4)
+    lines = value.count("\n") + 1 if isinstance(value, str) else 0
+    if isinstance(width, int) and lines * width > LIMITS.max_chars:
+        raise RenderLimitError("indent result too large")
+
+
+# Filters whose result can be far larger than their input and arguments suggest.
+_AMPLIFIERS: dict[str, Callable[[Any, tuple[Any, ...], Mapping[str, Any]], None]] = {
+    "format": _check_format_filter,
+    "replace": _check_replace,
+    "indent": _check_indent,
+}
+
+
+def _bounded_filter(fn: Callable[..., Any], amplifier: Callable[..., None] | None) -> Callable[..., Any]:
+    """``fn`` with the render bounds: deadline, argument sizes, its amplification, result size."""
+    # @pass_context / @pass_eval_context / @pass_environment filters get that object first.
+    leading = 1 if getattr(fn, "jinja_pass_arg", None) is not None else 0
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _check_deadline()
+        value, rest = args[leading] if len(args) > leading else None, args[leading + 1 :]
+        _check_args(rest, kwargs)  # the filtered value itself is data, not an argument
+        if amplifier is not None:
+            amplifier(value, rest, kwargs)
+        return _check_size(fn(*args, **kwargs))
+
+    return wrapper
 
 
 def _bounded_range(*args: int) -> range:
@@ -187,7 +205,7 @@ _ENV = BoundedSandbox(undefined=StrictUndefined, autoescape=False)
 _ENV.filters["urlquote"] = urlquote
 _ENV.filters["path_segment"] = path_segment
 for _name, _fn in list(_ENV.filters.items()):
-    _ENV.filters[_name] = _bounded_filter(_fn)
+    _ENV.filters[_name] = _bounded_filter(_fn, _AMPLIFIERS.get(_name))
 _ENV.globals["range"] = _bounded_range
 
 

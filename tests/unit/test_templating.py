@@ -121,3 +121,12 @@ def test_path_segment_refuses_what_walks_out_of_a_directory() -> None:
     for hostile in ("../../etc", "..", ".", "a/b", "", "-rf", "a\\b"):
         with pytest.raises(RenderError, match="safe path segment"):
             render_string("{{ labels.job | path_segment }}", template_context(alert(job=hostile)))
+
+
+def test_numbers_being_filtered_are_data_not_arguments() -> None:
+    """Only a filter's arguments are bounded: a large value piped through a filter renders."""
+    ctx = template_context(alert(port="50000"))
+    assert render_string("{{ 50000 | string }}-{{ labels.port | int | abs }}", ctx) == "50000-50000"
+    assert render_string("{{ 'a-b' | replace('-', ':') }}", ctx) == "a:b"
+    with pytest.raises(RenderError, match="over 10000"):
+        render_string("{{ 'x' | center(50000) }}", ctx)
