@@ -27,8 +27,11 @@ def create_celery_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         # Reserve only the running message, so a dead worker strands at most one.
         worker_prefetch_multiplier=1,
-        # A broker blip must not let a late-ack task run twice (it is cancelled and redelivered).
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Not cancelled when the broker connection drops: cancelling kills an attempt between its
+        # action and its record, so the lease expires and the action is done again (seen with
+        # Redis restarted under 20 runs). A redelivery while it runs is harmless: the ledger's
+        # claim answers "busy" (workers/ledger/attempts.py).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # JSON only: pickle from the broker would be code execution.
         task_serializer="json",
         accept_content=["json"],
