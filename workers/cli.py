@@ -56,14 +56,12 @@ def serve(host: str, port: int) -> None:
     if missing:
         names = " and ".join(f"RESPONDER_{n.upper()}_TOKENS" for n in missing)
         raise click.UsageError(f"{names} must be set (comma-separated bearer tokens)")
-    uvicorn.run(
-        "receiver.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-    )
+    uvicorn.run("receiver.app:create_app", **server_options(host=host, port=port))
+
+
+def server_options(*, host: str, port: int) -> dict[str, Any]:
+    """The receiver's uvicorn configuration (the benchmark's bare endpoint runs on the same)."""
+    return {"factory": True, "host": host, "port": port, "log_config": None, "timeout_graceful_shutdown": 10}
 
 
 def _worker_app() -> Any:
