@@ -76,10 +76,22 @@ def main() -> None:
 
         from workers.cli import server_options
 
-        uvicorn.run("bench.floors:create_floor_app", **server_options(host="127.0.0.1", port=int(sys.argv[2])))
+        uvicorn.run(
+            "bench.floors:create_floor_app", **server_options(host="127.0.0.1", port=int(sys.argv[2]))
+        )
     elif role == "worker":
         floor_celery().worker_main(
-            ["worker", "-Q", FLOOR_QUEUE, "--loglevel", "INFO", "--concurrency", sys.argv[2], "-n", "floor@%h"]
+            [
+                "worker",
+                "-Q",
+                FLOOR_QUEUE,
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                sys.argv[2],
+                "-n",
+                "floor@%h",
+            ]
         )
     else:
         raise SystemExit(f"unknown role {role!r}")

@@ -37,7 +37,9 @@ INGEST, OPERATOR = "bench-ingest", "bench-operator"
 WORKER_PROCESSES = 2
 PG_ADMIN_URL = os.environ.get(
     "RESPONDER_BENCH_PG_URL",
-    os.environ.get("RESPONDER_TEST_PG_URL", "postgresql+psycopg://responder:responder@127.0.0.1:5432/postgres"),
+    os.environ.get(
+        "RESPONDER_TEST_PG_URL", "postgresql+psycopg://responder:responder@127.0.0.1:5432/postgres"
+    ),
 )
 RESULTS = ROOT / "bench" / "results"
 
@@ -258,10 +260,7 @@ class Bench(contextlib.ExitStack):
 
     def ledger(self, database: str) -> str:
         """A fresh, migrated ledger: a SQLite file, or a new PostgreSQL database."""
-        if database == "sqlite":
-            url = f"sqlite:///{self.dir / 'ledger.db'}"
-        else:
-            url = self._pg_database()
+        url = f"sqlite:///{self.dir / 'ledger.db'}" if database == "sqlite" else self._pg_database()
         upgrade(url)
         return url
 
@@ -321,7 +320,9 @@ class Bench(contextlib.ExitStack):
             env,
         )
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: proc.poll() is not None or _answers(url + "/healthz"), timeout=60, what="the receiver")
+        wait_for(
+            lambda: proc.poll() is not None or _answers(url + "/healthz"), timeout=60, what="the receiver"
+        )
         if proc.poll() is not None:
             raise SystemExit(f"bench: the receiver exited:\n{self.log('receiver')[-3000:]}")
         return url, proc

@@ -32,7 +32,13 @@ def measure_floor(report: Report, args: argparse.Namespace, run: str) -> None:
     with Bench("intake-floor") as bench:
         url, proc = bench.floor_receiver()
         settle()
-        wrk(url + "/api/v1/alertmanager", seconds=1, connections=args.connections, duplicates=False, run="w" + run)
+        wrk(
+            url + "/api/v1/alertmanager",
+            seconds=1,
+            connections=args.connections,
+            duplicates=False,
+            run="w" + run,
+        )
         report.add("floor_rest_rss", memory_mib(proc.pid)[0], name="bare endpoint RSS at rest", unit="MiB")
         report.add("floor_rest_pss", memory_mib(proc.pid)[1], name="bare endpoint PSS at rest", unit="MiB")
         with peak_memory({"floor": proc.pid}) as peaks:
@@ -43,13 +49,17 @@ def measure_floor(report: Report, args: argparse.Namespace, run: str) -> None:
                 duplicates=False,
                 run=run,
             )
-        report.add("floor_rps", data["requests"] / data["duration_s"], name="bare endpoint", unit="webhooks/s")
+        report.add(
+            "floor_rps", data["requests"] / data["duration_s"], name="bare endpoint", unit="webhooks/s"
+        )
         report.add("floor_p50", data["p50_ms"], name="bare endpoint p50", unit="ms")
         report.add("floor_p99", data["p99_ms"], name="bare endpoint p99", unit="ms")
         report.add("floor_load_rss", peaks.get("floor_rss", 0.0), name="bare endpoint RSS peak", unit="MiB")
 
 
-def measure_receiver(report: Report, args: argparse.Namespace, run: str, database: str, duplicates: bool) -> None:
+def measure_receiver(
+    report: Report, args: argparse.Namespace, run: str, database: str, duplicates: bool
+) -> None:
     key = f"{database}{'_dup' if duplicates else ''}"
     label = f"receiver {database}{', all duplicates' if duplicates else ''}"
     with Bench(f"intake-{key}") as bench:
@@ -58,7 +68,13 @@ def measure_receiver(report: Report, args: argparse.Namespace, run: str, databas
         env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=None)
         url, proc = bench.receiver(env)
         settle()
-        wrk(url + "/api/v1/alertmanager", seconds=1, connections=args.connections, duplicates=duplicates, run="w" + run)
+        wrk(
+            url + "/api/v1/alertmanager",
+            seconds=1,
+            connections=args.connections,
+            duplicates=duplicates,
+            run="w" + run,
+        )
         if not duplicates:
             report.add(f"{key}_rest_rss", memory_mib(proc.pid)[0], name=f"{label} RSS at rest", unit="MiB")
             report.add(f"{key}_rest_pss", memory_mib(proc.pid)[1], name=f"{label} PSS at rest", unit="MiB")
@@ -76,7 +92,9 @@ def measure_receiver(report: Report, args: argparse.Namespace, run: str, databas
         answered = int(data["requests"] - data["non_2xx"])
         expected = 0 if duplicates else answered * ALERTS_PER_WEBHOOK
         if recorded < expected:
-            raise SystemExit(f"bench: {label}: {answered} webhooks answered 2xx but only {recorded} alerts recorded")
+            raise SystemExit(
+                f"bench: {label}: {answered} webhooks answered 2xx but only {recorded} alerts recorded"
+            )
         rps = data["requests"] / data["duration_s"]
         report.add(f"{key}_rps", rps, name=label, unit="webhooks/s")
         report.add(f"{key}_alerts", rps * ALERTS_PER_WEBHOOK, name=f"{label} alerts", unit="alerts/s")
@@ -84,11 +102,15 @@ def measure_receiver(report: Report, args: argparse.Namespace, run: str, databas
         report.add(f"{key}_p99", data["p99_ms"], name=f"{label} p99", unit="ms")
         report.add(f"{key}_non2xx", data["non_2xx"], name=f"{label} non-2xx", unit="responses")
         if not duplicates:
-            report.add(f"{key}_load_rss", peaks.get("receiver_rss", 0.0), name=f"{label} RSS peak", unit="MiB")
+            report.add(
+                f"{key}_load_rss", peaks.get("receiver_rss", 0.0), name=f"{label} RSS peak", unit="MiB"
+            )
 
 
 def main(argv: list[str] | None = None) -> Report:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--connections", type=int, default=50)

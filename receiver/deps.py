@@ -10,11 +10,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from receiver.errors import ApiError
+from receiver.intake import Intake, get_intake
 from workers.celery_app import create_celery_app
 from workers.publishing import Publisher
 from workers.settings import Settings, get_settings
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# Dependencies are coroutines: FastAPI runs a plain function in the thread pool, which cost
+# a thread hop per dependency per request on the webhook's hot path.
+async def settings_dependency() -> Settings:
+    """The process's settings."""
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(settings_dependency)]
 Scope = Literal["ingest", "operator"]
 
 _bearer = HTTPBearer(auto_error=False)
@@ -23,7 +32,7 @@ _bearer = HTTPBearer(auto_error=False)
 _publishers: dict[int, Publisher] = {}
 
 
-def get_publisher(settings: SettingsDep) -> Publisher:
+async def get_publisher(settings: SettingsDep) -> Publisher:
     """The process's publisher: one Celery app and producer pool per settings object."""
     publisher = _publishers.get(id(settings))
     if publisher is None or publisher.settings is not settings:
@@ -32,6 +41,14 @@ def get_publisher(settings: SettingsDep) -> Publisher:
 
 
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]
+
+
+async def get_intake_dep(settings: SettingsDep, publisher: PublisherDep) -> Intake:
+    """The process's group-commit intake for these settings and publisher."""
+    return get_intake(settings, publisher)
+
+
+IntakeDep = Annotated[Intake, Depends(get_intake_dep)]
 
 
 def _known(token: str, tokens: list[SecretStr]) -> bool:
@@ -45,7 +62,7 @@ def _known(token: str, tokens: list[SecretStr]) -> bool:
 def require(scope: Scope) -> Any:
     """A dependency that admits a bearer token of ``scope``: 401 unknown, 403 wrong scope."""
 
-    def check(
+    async def check(
         settings: SettingsDep,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:

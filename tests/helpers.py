@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,10 @@ class RecordingPublisher(Publisher):
         self.alerts: list[str] = []
         self.runs: list[tuple[str, float, float]] = []
 
-    def handle_alert(self, event_id: str) -> None:
+    def handle_alert(self, event_ids: Sequence[str]) -> None:
         if self.fail:
             raise PublishError("broker down")
-        self.alerts.append(event_id)
+        self.alerts.extend(event_ids)
 
     def run_remediation(self, run_id: str, *, timeout_s: float, countdown: float = 0) -> None:
         if self.fail:

@@ -91,8 +91,13 @@ def decide(
     return RunStatus.QUEUED, None
 
 
-def admit(session: Session, requests: Sequence[RunRequest]) -> list[Admission]:
-    """Decide and record each request in the caller's transaction; one Admission per request."""
+def admit(session: Session, requests: Sequence[RunRequest], *, published: bool = False) -> list[Admission]:
+    """Decide and record each request in the caller's transaction; one Admission per request.
+
+    ``published``: the caller publishes the queued runs right after the commit, so they are
+    recorded as published once (``publishing.publish_runs(marked=True)`` undoes a failure).
+    """
+    now = utcnow()
     resolved: dict[tuple[str, str], bool] = {}
     admissions: list[Admission] = []
     for request in requests:
@@ -128,7 +133,9 @@ def admit(session: Session, requests: Sequence[RunRequest]) -> list[Admission]:
                 "status": status.value,
                 "skip_reason": reason if status == RunStatus.SKIPPED else None,
                 "error": request.error,
-                "finished_at": None if status == RunStatus.QUEUED else utcnow(),
+                "finished_at": None if status == RunStatus.QUEUED else now,
+                "enqueued_at": now if published and status == RunStatus.QUEUED else None,
+                "publishes": 1 if published and status == RunStatus.QUEUED else 0,
             },
         )
         if run_id is not None:

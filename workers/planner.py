@@ -1,5 +1,7 @@
 """``handle_alert``: match rules, plan each one in isolation, admit one run per matching rule.
 
+One message carries the events of one webhook (up to ``publishing.EVENTS_PER_MESSAGE``).
+
 Rendering happens here, in the worker, never in the receiver. Each rule is planned on its own:
 whatever one rule's templates or params do (a TypeError from a filter, a runaway render, the
 soft time limit), that rule becomes a ``failed`` run with the error and the other rules go on.
@@ -8,11 +10,14 @@ Every plan is admitted through ``workers.admission`` (the guards, one recorded d
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
 from workers import telemetry
@@ -20,7 +25,7 @@ from workers.admission import Mode, RunRequest, admit, decide
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
 from workers.ledger import repository
-from workers.ledger.db import transaction
+from workers.ledger.db import is_transient_ledger_error, transaction
 from workers.ledger.models import AlertEvent, utcnow
 from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_runs
@@ -168,64 +173,101 @@ def event_alert(event: AlertEvent) -> Alert:
     )
 
 
-def handle_event(
-    *, event_id: str, settings: Settings, config: ResponderConfig, publisher: Publisher
-) -> list[str]:
-    """Plan the rules matching one event and publish its queued runs; returns the new run ids.
+class EventsFailed(Exception):
+    """Some events of a message could not be planned; the others were (each error is on its event)."""
 
-    Each start is counted first, in its own transaction, so an event whose handling keeps
-    crashing the task (even by killing the process) is given up after the maximum, recorded
-    with its error, instead of being redelivered forever.
+
+def handle_events(
+    *, event_ids: Sequence[str], settings: Settings, config: ResponderConfig, publisher: Publisher
+) -> list[str]:
+    """Plan the rules matching each event and publish the queued runs; returns the new run ids.
+
+    Each start is counted first, for every event of the message in one transaction of its own,
+    so an event whose handling keeps crashing the task (even by killing the process) is given
+    up after the maximum, recorded with its error, instead of being redelivered forever.
+
+    The events are then planned in one transaction, each in a savepoint of its own: an event
+    the ledger refuses is rolled back alone, keeps its error, and is delivered again by the
+    reconciler (``EventsFailed`` once the others are committed). Queued runs are recorded as
+    published in that transaction and published right after it; a failed publish is undone
+    and left to the reconciler.
     """
     with transaction(settings.database_url) as session:
-        delivery = repository.note_event_delivery(session, event_id)
-    if delivery.missing:
-        log.warning("event_not_found", event_id=event_id)
-        return []
-    if delivery.handled:
-        log.info("event_already_handled", deliveries=delivery.deliveries)
-        return []
-    if delivery.deliveries > settings.max_deliveries:
-        error = f"gave up after {delivery.deliveries - 1} deliveries that did not finish"
+        deliveries = repository.note_event_deliveries(session, event_ids)
+    todo: list[str] = []
+    given_up: dict[str, int] = {}
+    for event_id, delivery in deliveries.items():
+        if delivery.missing:
+            log.warning("event_not_found", event_id=event_id)
+        elif delivery.handled:
+            log.info("event_already_handled", event_id=event_id, deliveries=delivery.deliveries)
+        elif delivery.deliveries > settings.max_deliveries:
+            given_up[event_id] = delivery.deliveries - 1
+        else:
+            todo.append(event_id)
+    if given_up:
         with transaction(settings.database_url) as session:
-            repository.give_up_event(session, event_id, error=error)
-        log.error("event_given_up", deliveries=delivery.deliveries - 1)
-        return []
+            for event_id, starts in given_up.items():
+                error = f"gave up after {starts} deliveries that did not finish"
+                repository.give_up_event(session, event_id, error=error)
+                log.error("event_given_up", event_id=event_id, deliveries=starts)
     created: list[tuple[str, float]] = []
-    with transaction(settings.database_url) as session:
-        event = session.get(AlertEvent, event_id)
-        if event is None or event.handled_at is not None:
-            return []
-        telemetry.bind(fingerprint=event.fingerprint)
-        alert = event_alert(event)
-        rules = config.matching_rules(alert.labels)
-        event.handled_at = utcnow()
-        event.matched_rules = len(rules)
-        if alert.status == "resolved":
-            # A resolved event never runs a firing rule's remediation; its episode's queued
-            # runs are not started (checked when each is claimed).
-            log.info("resolved_event_handled", matched_rules=len(rules))
-            return []
-        if not rules:
-            log.info("no_rule_matched")
-            return []
-        plans = [plan_rule(rule, alert, config) for rule in rules]
-        admissions = admit(session, [request_for(plan, event) for plan in plans])
-        for plan, admission in zip(plans, admissions, strict=True):
-            if not admission.created:
-                log.info("run_already_planned", rule=plan.rule, run_id=admission.run_id)
-                continue
-            log.info(
-                "run_planned",
-                run_id=admission.run_id,
-                rule=plan.rule,
-                remediation=plan.remediation,
-                target=plan.target,
-                status=admission.status.value,
-                reason=admission.reason,
-                error=plan.error,
-            )
-            if admission.status == RunStatus.QUEUED:
-                created.append((admission.run_id, admission.timeout_s))
-    publish_runs(created, settings=settings, publisher=publisher)
+    failed: dict[str, Exception] = {}
+    if todo:
+        with transaction(settings.database_url) as session:
+            for event_id in todo:
+                try:
+                    with session.begin_nested():
+                        created.extend(_plan_event(session, event_id, config))
+                except Exception as exc:
+                    if isinstance(exc, SQLAlchemyError) and is_transient_ledger_error(exc):
+                        raise  # the whole message is retried; nothing of it was committed
+                    log.exception("event_planning_failed", event_id=event_id)
+                    failed[event_id] = exc
+            for event_id, problem in failed.items():
+                text = f"{type(problem).__name__}: {problem}"
+                repository.note_event_error(session, event_id, error=text[:2000])
+    publish_runs(created, settings=settings, publisher=publisher, marked=True)
+    if failed:
+        raise EventsFailed(f"{len(failed)} of {len(event_ids)} events not planned: {', '.join(failed)}")
     return [run_id for run_id, _ in created]
+
+
+def _plan_event(session: Session, event_id: str, config: ResponderConfig) -> list[tuple[str, float]]:
+    """Plan and admit one event's matching rules; returns (run id, timeout) of its queued runs."""
+    event = session.get(AlertEvent, event_id)
+    if event is None or event.handled_at is not None:
+        return []
+    telemetry.bind(event_id=event_id, fingerprint=event.fingerprint)
+    alert = event_alert(event)
+    rules = config.matching_rules(alert.labels)
+    event.handled_at = utcnow()
+    event.matched_rules = len(rules)
+    if alert.status == "resolved":
+        # A resolved event never runs a firing rule's remediation; its episode's queued
+        # runs are not started (checked when each is claimed).
+        log.info("resolved_event_handled", matched_rules=len(rules))
+        return []
+    if not rules:
+        log.info("no_rule_matched")
+        return []
+    plans = [plan_rule(rule, alert, config) for rule in rules]
+    admissions = admit(session, [request_for(plan, event) for plan in plans], published=True)
+    queued: list[tuple[str, float]] = []
+    for plan, admission in zip(plans, admissions, strict=True):
+        if not admission.created:
+            log.info("run_already_planned", rule=plan.rule, run_id=admission.run_id)
+            continue
+        log.info(
+            "run_planned",
+            run_id=admission.run_id,
+            rule=plan.rule,
+            remediation=plan.remediation,
+            target=plan.target,
+            status=admission.status.value,
+            reason=admission.reason,
+            error=plan.error,
+        )
+        if admission.status == RunStatus.QUEUED:
+            queued.append((admission.run_id, admission.timeout_s))
+    return queued

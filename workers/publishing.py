@@ -23,7 +23,7 @@ class PublishError(Exception):
 
 
 class Publisher:
-    """Sends ``handle_alert(event_id)`` and ``run_remediation(run_id)`` by task name."""
+    """Sends ``handle_alert(*event_ids)`` and ``run_remediation(run_id)`` by task name."""
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
@@ -45,9 +45,9 @@ class Publisher:
         except Exception as exc:  # any failure is recoverable: the ledger keeps the id
             raise PublishError(f"{type(exc).__name__}: {exc}") from exc
 
-    def handle_alert(self, event_id: str) -> None:
-        """Publish ``handle_alert(event_id)``; raises PublishError."""
-        self._send(HANDLE_ALERT, [event_id], time_limit=120, soft_time_limit=90)
+    def handle_alert(self, event_ids: Sequence[str]) -> None:
+        """Publish one ``handle_alert(*event_ids)``; raises PublishError."""
+        self._send(HANDLE_ALERT, list(event_ids), time_limit=120, soft_time_limit=90)
 
     def run_remediation(self, run_id: str, *, timeout_s: float, countdown: float = 0) -> None:
         """Publish ``run_remediation(run_id)`` with time limits from the run's own timeout."""
@@ -61,48 +61,104 @@ class Publisher:
         )
 
 
-def _until_refused(ids: Sequence[str], send: Callable[[str], None], *, task: str) -> list[str]:
-    """Send one message per id, stopping at the first refusal: a down broker costs one timeout."""
+# Events per handle_alert message: one message per webhook, a large group split so that
+# several worker processes share it.
+EVENTS_PER_MESSAGE = 10
+
+
+def _until_refused(
+    batches: Sequence[list[str]], send: Callable[[list[str]], None], *, task: str
+) -> list[str]:
+    """Send one message per batch of ids, stopping at the first refusal: a down broker costs one
+    timeout. Returns the ids sent."""
     sent: list[str] = []
-    for item in ids:
+    total = sum(len(batch) for batch in batches)
+    for batch in batches:
         try:
-            send(item)
+            send(batch)
         except PublishError as exc:
             telemetry.PUBLISH_FAILURES.labels(task=task).inc()
             log.warning(
-                "publish_failed", task=task, id=item, error=str(exc), left_for_reconciler=len(ids) - len(sent)
+                "publish_failed",
+                task=task,
+                ids=batch[:10],
+                error=str(exc),
+                left_for_reconciler=total - len(sent),
             )
             break
-        sent.append(item)
+        sent.extend(batch)
     return sent
 
 
-def _mark(ids: list[str], mark: Callable[[Session, Sequence[str]], None], settings: Settings) -> None:
-    if not ids:
+def _record_publishes(
+    ids: Sequence[str],
+    sent: Sequence[str],
+    *,
+    marked: bool,
+    mark: Callable[[Session, Sequence[str]], None],
+    unmark: Callable[[Session, Sequence[str]], None],
+    settings: Settings,
+) -> None:
+    """Record the publishes: mark what was sent, or, when the rows were marked as published in
+    the transaction that recorded them, unmark what was not (the reconciler then sends it soon)."""
+    if marked:
+        done = set(sent)
+        todo, write = [i for i in ids if i not in done], unmark
+    else:
+        todo, write = list(sent), mark
+    if not todo:
         return
     try:
         with transaction(settings.database_url) as session:
-            mark(session, ids)
-    except SQLAlchemyError as exc:  # published but unmarked: the reconciler sends them again, harmlessly
-        log.warning("mark_enqueued_failed", error_type=type(exc).__name__)
+            write(session, todo)
+    except SQLAlchemyError as exc:  # the reconciler sends them again after the redelivery delay, harmlessly
+        log.warning("publish_not_recorded", error_type=type(exc).__name__, ids=len(todo))
 
 
-def publish_events(event_ids: Sequence[str], *, settings: Settings, publisher: Publisher) -> int:
-    """Publish ``handle_alert`` for recorded events and mark them enqueued; returns how many."""
-    sent = _until_refused(event_ids, publisher.handle_alert, task="handle_alert")
-    _mark(sent, repository.mark_events_enqueued, settings)
+def publish_events(
+    event_ids: Sequence[str], *, settings: Settings, publisher: Publisher, marked: bool = False
+) -> int:
+    """Publish ``handle_alert`` for recorded events, ``EVENTS_PER_MESSAGE`` per message; returns how many.
+
+    ``marked``: the events were recorded as published (``record_notifications(published=True)``),
+    so only a failure needs a write; otherwise what was sent is marked.
+    """
+    batches = [
+        list(event_ids[i : i + EVENTS_PER_MESSAGE]) for i in range(0, len(event_ids), EVENTS_PER_MESSAGE)
+    ]
+    sent = _until_refused(batches, publisher.handle_alert, task="handle_alert")
+    _record_publishes(
+        event_ids,
+        sent,
+        marked=marked,
+        mark=repository.mark_events_enqueued,
+        unmark=repository.unmark_events_enqueued,
+        settings=settings,
+    )
     return len(sent)
 
 
 def publish_runs(
-    runs: Sequence[tuple[str, float]], *, settings: Settings, publisher: Publisher, countdown: float = 0
+    runs: Sequence[tuple[str, float]],
+    *,
+    settings: Settings,
+    publisher: Publisher,
+    countdown: float = 0,
+    marked: bool = False,
 ) -> int:
-    """Publish ``run_remediation`` for (run id, timeout) pairs and mark them enqueued."""
+    """Publish ``run_remediation`` for (run id, timeout) pairs, one message per run; as ``publish_events``."""
     timeouts = dict(runs)
     sent = _until_refused(
-        [run_id for run_id, _ in runs],
-        lambda run_id: publisher.run_remediation(run_id, timeout_s=timeouts[run_id], countdown=countdown),
+        [[run_id] for run_id, _ in runs],
+        lambda ids: publisher.run_remediation(ids[0], timeout_s=timeouts[ids[0]], countdown=countdown),
         task="run_remediation",
     )
-    _mark(sent, repository.mark_runs_enqueued, settings)
+    _record_publishes(
+        [run_id for run_id, _ in runs],
+        sent,
+        marked=marked,
+        mark=repository.mark_runs_enqueued,
+        unmark=repository.unmark_runs_enqueued,
+        settings=settings,
+    )
     return len(sent)

@@ -15,21 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import SQLAlchemyError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from remediations import RetryPolicy
+from workers.ledger.db import is_transient_ledger_error
 from workers.settings import Settings
 
 T = TypeVar("T")
-
-
-def is_transient_ledger_error(exc: BaseException) -> bool:
-    """A ledger error that retrying can fix: lock timeouts, lost connections, a full pool."""
-    if isinstance(exc, (OperationalError, PoolTimeoutError)):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def attempt_policy(settings: Settings) -> RetryPolicy:

@@ -10,10 +10,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from workers import planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
-from workers.ledger import repository
-from workers.ledger.db import configure, transaction
+from workers.ledger.db import configure, is_transient_ledger_error
 from workers.publishing import Publisher, publish_runs
-from workers.resilience import is_transient_ledger_error, ledger_policy
+from workers.resilience import ledger_policy
 from workers.settings import get_settings
 from workers.tasknames import HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
 
@@ -58,27 +57,17 @@ def _clear_task(**_: Any) -> None:
     telemetry.clear()
 
 
-def _note_event_error(event_id: str, exc: Exception) -> None:
-    try:
-        with transaction(get_settings().database_url) as session:
-            repository.note_event_error(session, event_id, error=f"{type(exc).__name__}: {exc}"[:2000])
-    except SQLAlchemyError:
-        log.warning("event_error_not_recorded", event_id=event_id)
-
-
 @shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)
-def handle_alert(self: Task[Any, Any], event_id: str) -> list[str]:
-    """Match, render, validate and record runs for one alert event (idempotent)."""
-    telemetry.bind(event_id=event_id)
+def handle_alert(self: Task[Any, Any], *event_ids: str) -> list[str]:
+    """Match, render, validate and record runs for the events of one webhook (idempotent)."""
     try:
-        return planner.handle_event(
-            event_id=event_id, settings=get_settings(), config=_config(), publisher=_publisher()
+        return planner.handle_events(
+            event_ids=event_ids, settings=get_settings(), config=_config(), publisher=_publisher()
         )
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
-        # Not transient: keep the error on the event; the reconciler delivers it again until
-        # RESPONDER_MAX_DELIVERIES, then the event is given up with this error.
-        _note_event_error(event_id, exc)
+        # Not transient: each failed event keeps its error; the reconciler delivers it again
+        # until RESPONDER_MAX_DELIVERIES, then the event is given up with that error.
         raise
 
 

@@ -1,28 +1,21 @@
 """``POST /api/v1/alertmanager``: record every alert durably, publish it, answer 202.
 
 Nothing here matches rules or renders params; that is the worker's job. A 2xx is sent only
-after the alerts are committed to the ledger; if the broker is down after that, the answer is
-still 202 and the reconciler publishes what is stuck.
+after the alerts are committed to the ledger (``receiver.intake``: group commit); if the broker
+is down after that, the answer is still 202 and the reconciler publishes what is stuck.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import anyio
-import anyio.to_thread
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 
-from receiver.deps import PublisherDep, RequireIngest, SettingsDep
+from receiver.deps import IntakeDep, RequireIngest, SettingsDep
 from receiver.errors import ApiError, field_errors
 from workers import telemetry
 from workers.alerts import WebhookPayload
-from workers.ledger import repository
-from workers.ledger.db import transaction
-from workers.publishing import Publisher, publish_events
-from workers.settings import Settings
 
 router = APIRouter(prefix="/api/v1", tags=["alertmanager"])
 log = telemetry.get_logger(__name__)
@@ -58,37 +51,8 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _record(settings: Settings, payload: WebhookPayload) -> list[repository.RecordedEvent]:
-    with transaction(settings.database_url) as session:
-        return repository.record_events(
-            session, payload.alerts, receiver=payload.receiver, group_key=payload.group_key
-        )
-
-
-# Publishing threads are few and separate from the ledger's, so a hung broker cannot starve
-# the inserts that make a 2xx safe.
-_publish_limiter = anyio.CapacityLimiter(8)
-
-
-async def _publish_within_budget(settings: Settings, publisher: Publisher, event_ids: list[str]) -> None:
-    with anyio.move_on_after(settings.publish_budget_s) as scope:
-        await anyio.to_thread.run_sync(
-            lambda: publish_events(event_ids, settings=settings, publisher=publisher),
-            abandon_on_cancel=True,
-            limiter=_publish_limiter,
-        )
-    if scope.cancelled_caught:
-        # The thread may still publish; if it does not, the reconciler will (handle_alert is idempotent).
-        telemetry.PUBLISH_FAILURES.labels(task="handle_alert").inc()
-        log.warning(
-            "publish_budget_exceeded", budget_s=settings.publish_budget_s, left_for_reconciler=len(event_ids)
-        )
-
-
-@router.post("/alertmanager", status_code=202, dependencies=[RequireIngest])
-async def receive_alertmanager(
-    request: Request, settings: SettingsDep, publisher: PublisherDep
-) -> IngestResponse:
+@router.post("/alertmanager", status_code=202, dependencies=[RequireIngest], response_model=IngestResponse)
+async def receive_alertmanager(request: Request, settings: SettingsDep, intake: IntakeDep) -> Response:
     """Record each alert of an Alertmanager notification (v4) and publish the new ones."""
     body = await _read_limited(request, settings.max_body_bytes)
     try:
@@ -108,16 +72,16 @@ async def receive_alertmanager(
             received=len(payload.alerts),
             receiver=payload.receiver,
         )
-    recorded = await run_in_threadpool(_record, settings, payload)
-    new = [r.event_id for r in recorded if r.accepted]
-    for r in recorded:
-        telemetry.ALERTS_RECEIVED.labels(result="accepted" if r.accepted else "duplicate").inc()
-    if new:
-        await _publish_within_budget(settings, publisher, new)
+    recorded = await intake.accept(payload)
+    accepted = sum(1 for r in recorded if r.accepted)
+    if accepted:
+        telemetry.ALERTS_RECEIVED.labels(result="accepted").inc(accepted)
+    if len(recorded) > accepted:
+        telemetry.ALERTS_RECEIVED.labels(result="duplicate").inc(len(recorded) - accepted)
     log.info(
-        "alerts_received", accepted=len(new), duplicate=len(recorded) - len(new), receiver=payload.receiver
+        "alerts_received", accepted=accepted, duplicate=len(recorded) - accepted, receiver=payload.receiver
     )
-    return IngestResponse(
+    answer = IngestResponse(
         alerts=[
             AlertResult(
                 fingerprint=r.alert.fingerprint,
@@ -130,3 +94,5 @@ async def receive_alertmanager(
         ],
         truncated_alerts=payload.truncated_alerts,
     )
+    # Serialized once here (the model is built from trusted values): FastAPI would validate it again.
+    return Response(answer.model_dump_json(), status_code=202, media_type="application/json")

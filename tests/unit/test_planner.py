@@ -9,7 +9,7 @@ from workers.alerts import WebhookPayload
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, Run
-from workers.planner import handle_event, plan_rule
+from workers.planner import handle_events, plan_rule
 from workers.reconciler import reconcile
 from workers.settings import Settings
 
@@ -106,9 +106,9 @@ def test_handle_event_creates_runs_once(sqlite_url: str) -> None:
     settings = Settings(database_url=sqlite_url)
     publisher = RecordingPublisher(settings)
     event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
-    created = handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher)
+    created = handle_events(event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher)
     assert len(created) == 1 and [r[0] for r in publisher.runs] == created
-    assert handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher) == []
+    assert handle_events(event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher) == []
     with transaction(sqlite_url) as session:
         runs = session.scalars(select(Run)).all()
         event = session.get(AlertEvent, event_id)
@@ -121,7 +121,7 @@ def test_resolved_event_creates_no_run(sqlite_url: str) -> None:
     settings = Settings(database_url=sqlite_url)
     publisher = RecordingPublisher(settings)
     event_id = _record(sqlite_url, alert_payload("ResponderProbe", status="resolved"))
-    assert handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher) == []
+    assert handle_events(event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher) == []
     with transaction(sqlite_url) as session:
         event = session.get(AlertEvent, event_id)
         assert event is not None and event.matched_rules == 1 and event.handled_at is not None
@@ -134,7 +134,7 @@ def test_unpublished_runs_and_events_are_reconciled(sqlite_url: str) -> None:
     settings = Settings(database_url=sqlite_url, reconcile_after_s=0)
     down = RecordingPublisher(settings, fail=True)
     handled = _record(sqlite_url, alert_payload("ResponderProbe"))
-    handle_event(event_id=handled, settings=settings, config=CONFIG, publisher=down)
+    handle_events(event_ids=[handled], settings=settings, config=CONFIG, publisher=down)
     unhandled = _record(sqlite_url, alert_payload("ResponderProbe", instance="other"))
     with transaction(sqlite_url) as session:
         assert session.scalars(select(Run.enqueued_at)).all() == [None]
@@ -189,7 +189,7 @@ def test_one_bad_rule_does_not_drop_the_others(sqlite_url: str) -> None:
     settings = Settings(database_url=sqlite_url)
     publisher = RecordingPublisher(settings)
     event_id = _record(sqlite_url, alert_payload("ResponderProbe", instance="web-1"))
-    created = handle_event(event_id=event_id, settings=settings, config=config, publisher=publisher)
+    created = handle_events(event_ids=[event_id], settings=settings, config=config, publisher=publisher)
     with transaction(sqlite_url) as session:
         runs = {r.rule: r for r in session.scalars(select(Run))}
         event = session.get(AlertEvent, event_id)
@@ -229,10 +229,10 @@ def test_poison_event_is_given_up_with_its_error(sqlite_url: str) -> None:
     publisher = RecordingPublisher(settings)
     event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
     with transaction(sqlite_url) as session:  # two starts that crashed before finishing
-        repository.note_event_delivery(session, event_id)
-        repository.note_event_delivery(session, event_id)
+        repository.note_event_deliveries(session, [event_id])
+        repository.note_event_deliveries(session, [event_id])
         repository.note_event_error(session, event_id, error="KeyError: boom")
-    assert handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=publisher) == []
+    assert handle_events(event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher) == []
     with transaction(sqlite_url) as session:
         event = session.get(AlertEvent, event_id)
         assert event is not None and event.handled_at is not None
@@ -273,7 +273,9 @@ def test_never_claimed_run_fails_after_max_deliveries(sqlite_url: str) -> None:
 
     settings = Settings(database_url=sqlite_url, reconcile_after_s=0, max_deliveries=2)
     event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
-    handle_event(event_id=event_id, settings=settings, config=CONFIG, publisher=RecordingPublisher(settings))
+    handle_events(
+        event_ids=[event_id], settings=settings, config=CONFIG, publisher=RecordingPublisher(settings)
+    )
     with transaction(sqlite_url) as session:
         run = session.scalars(select(Run)).one()
         run.publishes = 2

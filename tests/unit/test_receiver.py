@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from receiver.app import create_app
-from receiver.deps import get_publisher
+from receiver.deps import get_publisher, settings_dependency
 from tests.helpers import FIXTURES, RecordingPublisher, alert_payload
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent
-from workers.settings import Settings, get_settings
+from workers.settings import Settings
 
 INGEST = {"Authorization": "Bearer ingest-secret-1"}
 OPERATOR = {"Authorization": "Bearer operator-secret-1"}
@@ -26,7 +26,7 @@ OPERATOR = {"Authorization": "Bearer operator-secret-1"}
 
 def make_client(settings: Settings, publisher: RecordingPublisher) -> TestClient:
     app = create_app()
-    app.dependency_overrides[get_settings] = lambda: settings
+    app.dependency_overrides[settings_dependency] = lambda: settings
     app.dependency_overrides[get_publisher] = lambda: publisher
     return TestClient(app, raise_server_exceptions=False)
 

@@ -15,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from workers.ledger.models import utcnow
@@ -130,3 +132,10 @@ def dispose_all() -> None:
     for (owner, _), engine in list(_engines.items()):
         if owner == pid:
             engine.dispose()
+
+
+def is_transient_ledger_error(exc: BaseException) -> bool:
+    """A ledger error that retrying can fix: lock timeouts, lost connections, a full pool."""
+    if isinstance(exc, (OperationalError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated

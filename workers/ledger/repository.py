@@ -39,50 +39,76 @@ class RecordedEvent:
     accepted: bool
 
 
+@dataclass(frozen=True)
+class Notification:
+    """The alerts of one webhook and where it came from."""
+
+    alerts: Sequence[Alert]
+    receiver: str
+    group_key: str
+
+
 def record_events(
-    session: Session, alerts: Sequence[Alert], *, receiver: str, group_key: str
+    session: Session, alerts: Sequence[Alert], *, receiver: str, group_key: str, published: bool = False
 ) -> list[RecordedEvent]:
-    """Insert the webhook's new events; repeats, retries and HA duplicates become duplicates."""
+    """Insert one webhook's new events (``record_notifications`` for one notification)."""
+    return record_notifications(session, [Notification(alerts, receiver, group_key)], published=published)[0]
+
+
+def record_notifications(
+    session: Session, notifications: Sequence[Notification], *, published: bool = False
+) -> list[list[RecordedEvent]]:
+    """Insert the new events of several webhooks in the caller's transaction (group commit).
+
+    Repeats, retries and HA duplicates become duplicates; within the batch the first webhook
+    to carry an alert gets it accepted, later ones a duplicate, as if they had come one by one.
+    ``published``: the caller publishes the accepted events right after the commit, so they are
+    recorded as published once (``unmark_events_enqueued`` undoes it if publishing fails).
+    """
     now = utcnow()
     fresh: dict[tuple[str, str, str], dict[str, Any]] = {}
-    for alert in alerts:
-        fresh.setdefault(
-            alert.event_key,
-            {
-                "id": new_id(),
-                "fingerprint": alert.fingerprint,
-                "starts_at": alert.starts_at,
-                "status": alert.status,
-                "ends_at": alert.ends_at,
-                "labels": alert.labels,
-                "annotations": alert.annotations,
-                "generator_url": alert.generator_url,
-                "receiver": receiver,
-                "group_key": group_key,
-                "received_at": now,
-            },
-        )
-    rows = list(fresh.values())
-    inserted: set[str] = set()
-    for start in range(0, len(rows), INSERT_CHUNK):
-        statement = (
-            _insert(session, AlertEvent)
-            .values(rows[start : start + INSERT_CHUNK])
-            .on_conflict_do_nothing(index_elements=["fingerprint", "starts_at", "status"])
-            .returning(AlertEvent.id)
-        )
-        inserted.update(session.scalars(statement))
+    for notification in notifications:
+        for alert in notification.alerts:
+            fresh.setdefault(
+                alert.event_key,
+                {
+                    "id": new_id(),
+                    "fingerprint": alert.fingerprint,
+                    "starts_at": alert.starts_at,
+                    "status": alert.status,
+                    "ends_at": alert.ends_at,
+                    "labels": alert.labels,
+                    "annotations": alert.annotations,
+                    "generator_url": alert.generator_url,
+                    "receiver": notification.receiver,
+                    "group_key": notification.group_key,
+                    "received_at": now,
+                    "enqueued_at": now if published else None,
+                    "publishes": 1 if published else 0,
+                },
+            )
+    # One statement for any number of rows (executemany): compiled once and cached, where a
+    # multi-row VALUES clause is compiled anew for every row count.
+    statement = (
+        _insert(session, AlertEvent.__table__)
+        .on_conflict_do_nothing(index_elements=["fingerprint", "starts_at", "status"])
+        .returning(AlertEvent.__table__.c.id)
+    )
+    inserted = set(session.connection().execute(statement, list(fresh.values())).scalars())
     ids = {key: row["id"] for key, row in fresh.items() if row["id"] in inserted}
     missing = [key for key in fresh if key not in ids]
     if missing:
         ids.update(_existing_event_ids(session, missing))
-    results: list[RecordedEvent] = []
+    results: list[list[RecordedEvent]] = []
     seen: set[tuple[str, str, str]] = set()
-    for alert in alerts:
-        key = alert.event_key
-        accepted = fresh[key]["id"] in inserted and key not in seen
-        seen.add(key)
-        results.append(RecordedEvent(alert=alert, event_id=ids[key], accepted=accepted))
+    for notification in notifications:
+        recorded = []
+        for alert in notification.alerts:
+            key = alert.event_key
+            accepted = fresh[key]["id"] in inserted and key not in seen
+            seen.add(key)
+            recorded.append(RecordedEvent(alert=alert, event_id=ids[key], accepted=accepted))
+        results.append(recorded)
     return results
 
 
@@ -119,6 +145,16 @@ def mark_events_enqueued(session: Session, event_ids: Sequence[str]) -> None:
             update(AlertEvent)
             .where(AlertEvent.id.in_(event_ids))
             .values(enqueued_at=utcnow(), publishes=AlertEvent.publishes + 1)
+        )
+
+
+def unmark_events_enqueued(session: Session, event_ids: Sequence[str]) -> None:
+    """Undo ``published=True`` for events whose publish failed: the reconciler sends them soon."""
+    if event_ids:
+        session.execute(
+            update(AlertEvent)
+            .where(AlertEvent.id.in_(event_ids), AlertEvent.publishes > 0)
+            .values(enqueued_at=None, publishes=AlertEvent.publishes - 1)
         )
 
 
@@ -172,15 +208,22 @@ class Delivery:
     missing: bool = False
 
 
-def note_event_delivery(session: Session, event_id: str) -> Delivery:
-    """Count a start of ``handle_alert`` (committed on its own, so a crash still counts)."""
-    event = session.get(AlertEvent, event_id, with_for_update=True)
-    if event is None:
-        return Delivery(0, handled=False, missing=True)
-    if event.handled_at is not None:
-        return Delivery(event.deliveries, handled=True)
-    event.deliveries += 1
-    return Delivery(event.deliveries, handled=False)
+def note_event_deliveries(session: Session, event_ids: Sequence[str]) -> dict[str, Delivery]:
+    """Count a start of ``handle_alert`` on each event not yet handled (commit it on its own,
+    so a start that kills the process still counts)."""
+    counted = session.execute(
+        update(AlertEvent)
+        .where(AlertEvent.id.in_(event_ids), AlertEvent.handled_at.is_(None))
+        .values(deliveries=AlertEvent.deliveries + 1)
+        .returning(AlertEvent.id, AlertEvent.deliveries)
+        .execution_options(synchronize_session=False)
+    )
+    found = {event_id: Delivery(deliveries, handled=False) for event_id, deliveries in counted}
+    rest = [event_id for event_id in event_ids if event_id not in found]
+    if rest:
+        handled = session.execute(select(AlertEvent.id, AlertEvent.deliveries).where(AlertEvent.id.in_(rest)))
+        found.update({event_id: Delivery(deliveries, handled=True) for event_id, deliveries in handled})
+    return {event_id: found.get(event_id, Delivery(0, handled=False, missing=True)) for event_id in event_ids}
 
 
 def give_up_event(session: Session, event_id: str, *, error: str) -> None:
@@ -233,6 +276,16 @@ def mark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
     if run_ids:
         session.execute(
             update(Run).where(Run.id.in_(run_ids)).values(enqueued_at=utcnow(), publishes=Run.publishes + 1)
+        )
+
+
+def unmark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
+    """Undo the publish recorded at admission for runs whose publish failed."""
+    if run_ids:
+        session.execute(
+            update(Run)
+            .where(Run.id.in_(run_ids), Run.publishes > 0)
+            .values(enqueued_at=None, publishes=Run.publishes - 1)
         )
 
 
