@@ -10,8 +10,9 @@ from typing import Any
 
 from workers.alerts import Alert
 from workers.config import ResponderConfig, parse_config
-from workers.publishing import Publisher, PublishError
+from workers.publishing import Message, Publisher, PublishError
 from workers.settings import Settings
+from workers.tasknames import HANDLE_ALERT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alertmanager"
 
@@ -88,13 +89,20 @@ class RecordingPublisher(Publisher):
         self.fail = fail
         self.alerts: list[str] = []
         self.runs: list[tuple[str, float, float]] = []
+        self.messages: list[Message] = []
 
-    def handle_alert(self, event_ids: Sequence[str]) -> None:
+    def publish(self, messages: Sequence[Message]) -> None:
         if self.fail:
             raise PublishError("broker down")
-        self.alerts.extend(event_ids)
-
-    def run_remediation(self, run_id: str, *, timeout_s: float, countdown: float = 0) -> None:
-        if self.fail:
-            raise PublishError("broker down")
-        self.runs.append((run_id, timeout_s, countdown))
+        self.messages.extend(messages)
+        for message in messages:
+            if message.task == HANDLE_ALERT:
+                self.alerts.extend(message.args)
+            else:
+                self.runs.append(
+                    (
+                        message.args[0],
+                        message.time_limit - self.settings.hard_limit_margin_s,
+                        message.countdown,
+                    )
+                )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,75 +20,80 @@ log = telemetry.get_logger(__name__)
 
 
 class PublishError(Exception):
-    """The broker did not take the message (down, refused, timed out)."""
+    """The broker did not take the messages (down, refused, timed out)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One task message: the task's name, its ids, and its time limits."""
+
+    task: str
+    args: tuple[str, ...]
+    soft_time_limit: float
+    time_limit: float
+    countdown: float = 0.0
+
+
+# Events per handle_alert message: the events of a webhook in one message, a large group split
+# so that several worker processes share it.
+EVENTS_PER_MESSAGE = 10
+# Messages per Redis round trip.
+PIPELINE_SIZE = 200
 
 
 class Publisher:
-    """Sends ``handle_alert(*event_ids)`` and ``run_remediation(run_id)`` by task name."""
+    """Sends ``handle_alert(*event_ids)`` and ``run_remediation(run_id)`` messages by task name."""
 
     def __init__(self, app: Celery, settings: Settings) -> None:
         self.app = app
         self.settings = settings
 
-    def _send(
-        self, name: str, args: list[str], *, soft_time_limit: float, time_limit: float, countdown: float = 0
-    ) -> None:
-        try:
-            self.app.send_task(
-                name,
-                args=args,
-                countdown=countdown or None,
-                soft_time_limit=math.ceil(soft_time_limit),
-                time_limit=math.ceil(time_limit),
-                retry=True,
-                retry_policy=self.app.conf.task_publish_retry_policy,
-            )
-        except Exception as exc:  # any failure is recoverable: the ledger keeps the id
-            raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+    def handle_alert(self, event_ids: Sequence[str]) -> Message:
+        """The ``handle_alert`` message for these events."""
+        return Message(HANDLE_ALERT, tuple(event_ids), soft_time_limit=90, time_limit=120)
 
-    def handle_alert(self, event_ids: Sequence[str]) -> None:
-        """Publish one ``handle_alert(*event_ids)``; raises PublishError."""
-        self._send(HANDLE_ALERT, list(event_ids), time_limit=120, soft_time_limit=90)
-
-    def run_remediation(self, run_id: str, *, timeout_s: float, countdown: float = 0) -> None:
-        """Publish ``run_remediation(run_id)`` with time limits from the run's own timeout."""
-        self._send(
+    def run_remediation(self, run_id: str, *, timeout_s: float, countdown: float = 0) -> Message:
+        """The ``run_remediation`` message, with time limits from the run's own timeout."""
+        return Message(
             RUN_REMEDIATION,
-            [run_id],
+            (run_id,),
             # The soft limit (an exception inside the task) comes well before the hard kill.
             soft_time_limit=timeout_s + self.settings.hard_limit_margin_s / 3,
             time_limit=timeout_s + self.settings.hard_limit_margin_s,
             countdown=countdown,
         )
 
-
-# Events per handle_alert message: one message per webhook, a large group split so that
-# several worker processes share it.
-EVENTS_PER_MESSAGE = 10
-
-
-def _until_refused(
-    batches: Sequence[list[str]], send: Callable[[list[str]], None], *, task: str
-) -> list[str]:
-    """Send one message per batch of ids, stopping at the first refusal: a down broker costs one
-    timeout. Returns the ids sent."""
-    sent: list[str] = []
-    total = sum(len(batch) for batch in batches)
-    for batch in batches:
+    def publish(self, messages: Sequence[Message]) -> None:
+        """Send the messages, pipelined (kombu's ``Producer.batch``: one Redis round trip per
+        ``PIPELINE_SIZE``); raises PublishError, after which none may be counted as sent."""
         try:
-            send(batch)
-        except PublishError as exc:
-            telemetry.PUBLISH_FAILURES.labels(task=task).inc()
-            log.warning(
-                "publish_failed",
-                task=task,
-                ids=batch[:10],
-                error=str(exc),
-                left_for_reconciler=total - len(sent),
-            )
-            break
-        sent.extend(batch)
-    return sent
+            with self.app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
+                for message in messages:
+                    self.app.send_task(
+                        message.task,
+                        args=list(message.args),
+                        countdown=message.countdown or None,
+                        soft_time_limit=math.ceil(message.soft_time_limit),
+                        time_limit=math.ceil(message.time_limit),
+                        producer=producer,
+                        retry=False,  # buffered: the batch's flush is what talks to Redis
+                        # Celery would repr() the args into a header for monitors: ids say little.
+                        argsrepr=f"({len(message.args)} ids)",
+                        kwargsrepr="{}",
+                    )
+        except Exception as exc:  # any failure is recoverable: the ledger keeps the ids
+            raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _send(publisher: Publisher, messages: Sequence[Message], ids: Sequence[str], *, task: str) -> list[str]:
+    """Publish; returns the ids sent (all or none): a down broker costs one timeout."""
+    try:
+        publisher.publish(messages)
+    except PublishError as exc:
+        telemetry.PUBLISH_FAILURES.labels(task=task).inc()
+        log.warning("publish_failed", task=task, error=str(exc), left_for_reconciler=len(ids))
+        return []
+    return list(ids)
 
 
 def _record_publishes(
@@ -123,10 +129,11 @@ def publish_events(
     ``marked``: the events were recorded as published (``record_notifications(published=True)``),
     so only a failure needs a write; otherwise what was sent is marked.
     """
-    batches = [
-        list(event_ids[i : i + EVENTS_PER_MESSAGE]) for i in range(0, len(event_ids), EVENTS_PER_MESSAGE)
+    messages = [
+        publisher.handle_alert(event_ids[i : i + EVENTS_PER_MESSAGE])
+        for i in range(0, len(event_ids), EVENTS_PER_MESSAGE)
     ]
-    sent = _until_refused(batches, publisher.handle_alert, task="handle_alert")
+    sent = _send(publisher, messages, event_ids, task="handle_alert")
     _record_publishes(
         event_ids,
         sent,
@@ -147,14 +154,11 @@ def publish_runs(
     marked: bool = False,
 ) -> int:
     """Publish ``run_remediation`` for (run id, timeout) pairs, one message per run; as ``publish_events``."""
-    timeouts = dict(runs)
-    sent = _until_refused(
-        [[run_id] for run_id, _ in runs],
-        lambda ids: publisher.run_remediation(ids[0], timeout_s=timeouts[ids[0]], countdown=countdown),
-        task="run_remediation",
-    )
+    messages = [publisher.run_remediation(run_id, timeout_s=t, countdown=countdown) for run_id, t in runs]
+    ids = [run_id for run_id, _ in runs]
+    sent = _send(publisher, messages, ids, task="run_remediation") if runs else []
     _record_publishes(
-        [run_id for run_id, _ in runs],
+        ids,
         sent,
         marked=marked,
         mark=repository.mark_runs_enqueued,

@@ -24,7 +24,7 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def _insert(session: Session, model: type[Any]) -> Any:
+def _insert(session: Session, model: Any) -> Any:
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
     dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
