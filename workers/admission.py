@@ -98,23 +98,22 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
     recorded as published once (``publishing.publish_runs(marked=True)`` undoes a failure).
     """
     now = utcnow()
-    resolved: dict[tuple[str, str], bool] = {}
-    admissions: list[Admission] = []
+    episodes = {(r.fingerprint or "", r.starts_at or "") for r in requests if r.trigger == "alert"}
+    resolved = repository.resolved_episodes(session, episodes) if episodes else set()
+    rows: list[dict[str, Any]] = []
+    decisions: list[tuple[RunStatus, str | None]] = []
     for request in requests:
-        episode = (request.fingerprint or "", request.starts_at or "")
-        if request.trigger == "alert" and episode not in resolved:
-            resolved[episode] = repository.episode_resolved(session, *episode)
         status, reason = decide(
             trigger=request.trigger,
             mode=request.mode,
             error=request.error,
-            episode_resolved=resolved.get(episode, False),
+            episode_resolved=(request.fingerprint or "", request.starts_at or "") in resolved,
         )
-        key = request.dedupe_key()
-        run_id = repository.insert_run(
-            session,
+        decisions.append((status, reason))
+        rows.append(
             {
-                "dedupe_key": key,
+                "id": repository.new_id(),
+                "dedupe_key": request.dedupe_key(),
                 "event_id": request.event_id,
                 "fingerprint": request.fingerprint,
                 "starts_at": request.starts_at,
@@ -136,17 +135,19 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
                 "finished_at": None if status == RunStatus.QUEUED else now,
                 "enqueued_at": now if published and status == RunStatus.QUEUED else None,
                 "publishes": 1 if published and status == RunStatus.QUEUED else 0,
-            },
+            }
         )
-        if run_id is not None:
-            admissions.append(Admission(run_id, status, reason, True, request.timeout_s))
+    inserted = repository.insert_runs(session, rows)
+    existing = repository.runs_by_keys(
+        session, [row["dedupe_key"] for row in rows if row["id"] not in inserted]
+    )
+    admissions: list[Admission] = []
+    for request, row, (status, reason) in zip(requests, rows, decisions, strict=True):
+        if row["id"] in inserted:
+            admissions.append(Admission(row["id"], status, reason, True, request.timeout_s))
             continue
-        existing = repository.run_by_key(session, key)
-        if existing is None:  # pragma: no cover - the conflicting row is committed and never deleted
-            raise LookupError(f"no run for dedupe key {key!r}")
-        admissions.append(
-            Admission(
-                existing.id, RunStatus(existing.status), existing.skip_reason, False, existing.timeout_s
-            )
-        )
+        run = existing.get(row["dedupe_key"])
+        if run is None:  # pragma: no cover - the conflicting row is committed and never deleted
+            raise LookupError(f"no run for dedupe key {row['dedupe_key']!r}")
+        admissions.append(Admission(run.id, RunStatus(run.status), run.skip_reason, False, run.timeout_s))
     return admissions

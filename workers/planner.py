@@ -26,7 +26,7 @@ from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
 from workers.ledger import repository
 from workers.ledger.db import is_transient_ledger_error, transaction
-from workers.ledger.models import AlertEvent, utcnow
+from workers.ledger.models import AlertEvent
 from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_runs
 from workers.settings import Settings
@@ -182,84 +182,112 @@ def handle_events(
 ) -> list[str]:
     """Plan the rules matching each event and publish the queued runs; returns the new run ids.
 
-    Each start is counted first, for every event of the message in one transaction of its own,
-    so an event whose handling keeps crashing the task (even by killing the process) is given
-    up after the maximum, recorded with its error, instead of being redelivered forever.
+    Three steps, so that the ledger's write lock (SQLite has one) is held only for statements,
+    never while templates render:
 
-    The events are then planned in one transaction, each in a savepoint of its own: an event
-    the ledger refuses is rolled back alone, keeps its error, and is delivered again by the
-    reconciler (``EventsFailed`` once the others are committed). Queued runs are recorded as
-    published in that transaction and published right after it; a failed publish is undone
-    and left to the reconciler.
+    1. One short transaction counts this start on every event of the message and loads the
+       events: committed on its own, so an event whose handling keeps crashing the task (even
+       by killing the process) is given up after the maximum, with its error, instead of being
+       redelivered forever.
+    2. Outside any transaction, each event's matching rules are planned (each in isolation).
+    3. One short transaction admits every plan and marks the events handled; queued runs are
+       recorded as published and published right after it (a failed publish is undone and left
+       to the reconciler). If the ledger refuses it for a reason other than a transient error,
+       each event is admitted in a transaction of its own, so one bad event keeps its error
+       (and is delivered again) without holding back the others (``EventsFailed``).
     """
     with transaction(settings.database_url) as session:
         deliveries = repository.note_event_deliveries(session, event_ids)
-    todo: list[str] = []
-    given_up: dict[str, int] = {}
-    for event_id, delivery in deliveries.items():
-        if delivery.missing:
-            log.warning("event_not_found", event_id=event_id)
-        elif delivery.handled:
-            log.info("event_already_handled", event_id=event_id, deliveries=delivery.deliveries)
-        elif delivery.deliveries > settings.max_deliveries:
-            given_up[event_id] = delivery.deliveries - 1
-        else:
-            todo.append(event_id)
-    if given_up:
-        with transaction(settings.database_url) as session:
-            for event_id, starts in given_up.items():
-                error = f"gave up after {starts} deliveries that did not finish"
-                repository.give_up_event(session, event_id, error=error)
-                log.error("event_given_up", event_id=event_id, deliveries=starts)
-    created: list[tuple[str, float]] = []
+        todo: list[str] = []
+        given_up: dict[str, int] = {}
+        for event_id, delivery in deliveries.items():
+            if delivery.missing:
+                log.warning("event_not_found", event_id=event_id)
+            elif delivery.handled:
+                log.info("event_already_handled", event_id=event_id, deliveries=delivery.deliveries)
+            elif delivery.deliveries > settings.max_deliveries:
+                given_up[event_id] = delivery.deliveries - 1
+            else:
+                todo.append(event_id)
+        for event_id, starts in given_up.items():
+            error = f"gave up after {starts} deliveries that did not finish"
+            repository.give_up_event(session, event_id, error=error)
+            log.error("event_given_up", event_id=event_id, deliveries=starts)
+        events = repository.events_by_ids(session, todo)
+        session.expunge_all()
     failed: dict[str, Exception] = {}
-    if todo:
+    planned: list[_EventPlan] = []
+    for event in events:
+        try:
+            planned.append(_plan_event(event, config))
+        except Exception as exc:  # a stored event that no longer parses: this event, not the message
+            log.exception("event_planning_failed", event_id=event.id)
+            failed[event.id] = exc
+    created: list[tuple[str, float]] = []
+    try:
         with transaction(settings.database_url) as session:
-            for event_id in todo:
-                try:
-                    with session.begin_nested():
-                        created.extend(_plan_event(session, event_id, config))
-                except Exception as exc:
-                    if isinstance(exc, SQLAlchemyError) and is_transient_ledger_error(exc):
-                        raise  # the whole message is retried; nothing of it was committed
-                    log.exception("event_planning_failed", event_id=event_id)
-                    failed[event_id] = exc
+            created = _admit(session, planned)
+    except Exception as exc:
+        if (isinstance(exc, SQLAlchemyError) and is_transient_ledger_error(exc)) or len(planned) < 2:
+            raise  # transient: the whole message is retried; nothing of it was committed
+        for one in planned:
+            try:
+                with transaction(settings.database_url) as session:
+                    created.extend(_admit(session, [one]))
+            except Exception as single:
+                if isinstance(single, SQLAlchemyError) and is_transient_ledger_error(single):
+                    raise
+                log.exception("event_admission_failed", event_id=one.event.id)
+                failed[one.event.id] = single
+    if failed:
+        with transaction(settings.database_url) as session:
             for event_id, problem in failed.items():
-                text = f"{type(problem).__name__}: {problem}"
-                repository.note_event_error(session, event_id, error=text[:2000])
+                repository.note_event_error(
+                    session, event_id, error=f"{type(problem).__name__}: {problem}"[:2000]
+                )
     publish_runs(created, settings=settings, publisher=publisher, marked=True)
     if failed:
         raise EventsFailed(f"{len(failed)} of {len(event_ids)} events not planned: {', '.join(failed)}")
     return [run_id for run_id, _ in created]
 
 
-def _plan_event(session: Session, event_id: str, config: ResponderConfig) -> list[tuple[str, float]]:
-    """Plan and admit one event's matching rules; returns (run id, timeout) of its queued runs."""
-    event = session.get(AlertEvent, event_id)
-    if event is None or event.handled_at is not None:
-        return []
-    telemetry.bind(event_id=event_id, fingerprint=event.fingerprint)
+@dataclass(frozen=True)
+class _EventPlan:
+    """One event and the plans of its matching rules (none for a resolved event)."""
+
+    event: AlertEvent
+    matched: int
+    plans: list[Plan]
+
+
+def _plan_event(event: AlertEvent, config: ResponderConfig) -> _EventPlan:
+    """Match and plan one event's rules (no ledger access)."""
     alert = event_alert(event)
     rules = config.matching_rules(alert.labels)
-    event.handled_at = utcnow()
-    event.matched_rules = len(rules)
     if alert.status == "resolved":
         # A resolved event never runs a firing rule's remediation; its episode's queued
         # runs are not started (checked when each is claimed).
-        log.info("resolved_event_handled", matched_rules=len(rules))
-        return []
+        log.info("resolved_event_handled", event_id=event.id, matched_rules=len(rules))
+        return _EventPlan(event, len(rules), [])
     if not rules:
-        log.info("no_rule_matched")
-        return []
-    plans = [plan_rule(rule, alert, config) for rule in rules]
-    admissions = admit(session, [request_for(plan, event) for plan in plans], published=True)
+        log.info("no_rule_matched", event_id=event.id, fingerprint=event.fingerprint)
+    return _EventPlan(event, len(rules), [plan_rule(rule, alert, config) for rule in rules])
+
+
+def _admit(session: Session, planned: Sequence[_EventPlan]) -> list[tuple[str, float]]:
+    """Admit every plan and mark the events handled; returns (run id, timeout) of queued runs."""
+    requests = [(one, plan) for one in planned for plan in one.plans]
+    admissions = admit(session, [request_for(plan, one.event) for one, plan in requests], published=True)
+    repository.mark_events_handled(session, {one.event.id: one.matched for one in planned})
     queued: list[tuple[str, float]] = []
-    for plan, admission in zip(plans, admissions, strict=True):
+    for (one, plan), admission in zip(requests, admissions, strict=True):
         if not admission.created:
-            log.info("run_already_planned", rule=plan.rule, run_id=admission.run_id)
+            log.info("run_already_planned", event_id=one.event.id, rule=plan.rule, run_id=admission.run_id)
             continue
         log.info(
             "run_planned",
+            event_id=one.event.id,
+            fingerprint=one.event.fingerprint,
             run_id=admission.run_id,
             rule=plan.rule,
             remediation=plan.remediation,

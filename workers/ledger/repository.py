@@ -6,9 +6,9 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -226,6 +226,28 @@ def note_event_deliveries(session: Session, event_ids: Sequence[str]) -> dict[st
     return {event_id: found.get(event_id, Delivery(0, handled=False, missing=True)) for event_id in event_ids}
 
 
+def events_by_ids(session: Session, event_ids: Sequence[str]) -> list[AlertEvent]:
+    """The events with these ids, in the order given (missing ones left out)."""
+    if not event_ids:
+        return []
+    found = {e.id: e for e in session.scalars(select(AlertEvent).where(AlertEvent.id.in_(event_ids)))}
+    return [found[event_id] for event_id in event_ids if event_id in found]
+
+
+def mark_events_handled(session: Session, matched: dict[str, int]) -> None:
+    """Mark events handled with how many rules matched each (those not handled already)."""
+    if not matched:
+        return
+    now = utcnow()
+    table = cast(Table, AlertEvent.__table__)
+    session.connection().execute(
+        update(table)
+        .where(table.c.id == bindparam("event_id"), table.c.handled_at.is_(None))
+        .values(handled_at=now, matched_rules=bindparam("matched")),
+        [{"event_id": event_id, "matched": count} for event_id, count in matched.items()],
+    )
+
+
 def give_up_event(session: Session, event_id: str, *, error: str) -> None:
     """Mark an event handled with the reason it could not be (poison message, after N tries)."""
     session.execute(
@@ -254,21 +276,51 @@ def episode_resolved(session: Session, fingerprint: str, starts_at: str) -> bool
     return found is not None
 
 
-def insert_run(session: Session, values: dict[str, Any]) -> str | None:
-    """Insert a run; None when its dedupe key already has one (action at most once)."""
+def resolved_episodes(session: Session, episodes: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Which of these (fingerprint, startsAt) episodes have a resolved event recorded."""
+    wanted = list(set(episodes))
+    found: set[tuple[str, str]] = set()
+    for start in range(0, len(wanted), INSERT_CHUNK):
+        rows = session.execute(
+            select(AlertEvent.fingerprint, AlertEvent.starts_at).where(
+                AlertEvent.status == "resolved",
+                tuple_(AlertEvent.fingerprint, AlertEvent.starts_at).in_(
+                    wanted[start : start + INSERT_CHUNK]
+                ),
+            )
+        )
+        found.update((fingerprint, starts_at) for fingerprint, starts_at in rows)
+    return found
+
+
+def insert_runs(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert runs (each row with its ``id``); returns the ids inserted. A row whose dedupe key
+    already has a run is not inserted (action at most once). One cached statement, executemany."""
+    if not rows:
+        return set()
     now = utcnow()
     statement = (
-        _insert(session, Run)
-        .values(id=new_id(), created_at=now, updated_at=now, **values)
+        _insert(session, Run.__table__)
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(Run.id)
+        .returning(Run.__table__.c.id)
     )
-    return session.scalars(statement).first()
+    params = [{"created_at": now, "updated_at": now, **row} for row in rows]
+    return set(session.connection().execute(statement, params).scalars())
 
 
-def run_by_key(session: Session, dedupe_key: str) -> Run | None:
-    """The run already admitted under ``dedupe_key``, if any."""
-    return session.scalar(select(Run).where(Run.dedupe_key == dedupe_key))
+def insert_run(session: Session, values: dict[str, Any]) -> str | None:
+    """Insert one run; None when its dedupe key already has one."""
+    run_id = new_id()
+    return run_id if insert_runs(session, [{"id": run_id, **values}]) else None
+
+
+def runs_by_keys(session: Session, dedupe_keys: Sequence[str]) -> dict[str, Run]:
+    """The runs already admitted under these dedupe keys."""
+    if not dedupe_keys:
+        return {}
+    return {
+        run.dedupe_key: run for run in session.scalars(select(Run).where(Run.dedupe_key.in_(dedupe_keys)))
+    }
 
 
 def mark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
