@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export RESPONDER_TEST_PG_URL ?= postgresql+psycopg://responder:responder@127.0.0.1:5432/postgres
 
-.PHONY: install dev test lint typecheck unit lock clean
+.PHONY: install dev test bench lint typecheck unit lock clean
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report
+
+# The benchmark suite (docs/benchmarks.md): figures, ratios to the floors, met / not met.
+bench: install
+	.ci/ensure-tools test
+	$(BIN)/python -m bench.suite $(BENCH_ARGS)
 
 # Fast feedback while editing: no services, no coverage.
 unit: install

@@ -1,0 +1,47 @@
+"""A smoke run of every benchmark script with tiny numbers: each starts, measures and stops.
+
+No timing is asserted (figures from such a small run mean nothing); what is asserted is what
+each script checks: every accepted alert recorded, and in the storm nothing lost, no 5xx and
+exactly one run and one call per alert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.suite", "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((ROOT / "bench" / "results" / "suite.json").read_text())
+    assert set(results) == {"intake", "worker", "storm"}
+    intake = results["intake"]["figures"]
+    for key in ("floor_rps", "sqlite_rps", "sqlite_dup_rps", "postgresql_rps", "postgresql_dup_rps"):
+        assert intake[key]["median"] > 0, key
+    worker = results["worker"]["figures"]
+    assert worker["drain"]["median"] > 0 and worker["floor_drain"]["median"] > 0
+    assert worker["e2e_20_non2xx"]["median"] == 0
+    storm = results["storm"]["figures"]
+    assert storm["lost"]["median"] == storm["server_errors"]["median"] == storm["duplicated"]["median"] == 0
+    assert results["storm"]["notes"] == ["every run: 0 lost, 0 5xx, one succeeded run and one call per alert"]
+    assert "== targets" in done.stdout and ("met" in done.stdout)
