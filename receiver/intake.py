@@ -124,21 +124,7 @@ class Intake:
         return recorded
 
     def _write_loop(self) -> None:
-        while True:
-            first = self._commits.get()
-            if first is None:
-                return
-            batch, alerts = [first], len(first.notification.alerts)
-            while alerts < MAX_BATCH_ALERTS:
-                try:
-                    more = self._commits.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._commits.put(None)  # stop after this batch
-                    break
-                batch.append(more)
-                alerts += len(more.notification.alerts)
+        while (batch := _take_waiting(self._commits, limit=MAX_BATCH_ALERTS)) is not None:
             self._commit(batch)
 
     def _commit(self, batch: list[_Pending]) -> None:
@@ -163,20 +149,7 @@ class Intake:
             _resolve(pending, pending.recorded, recorded)
 
     def _publish_loop(self) -> None:
-        while True:
-            first = self._publishes.get()
-            if first is None:
-                return
-            batch = [first]
-            while True:
-                try:
-                    more = self._publishes.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._publishes.put(None)
-                    break
-                batch.append(more)
+        while (batch := _take_waiting(self._publishes)) is not None:
             ids = [event_id for pending in batch for event_id in pending.new]
             try:
                 publish_events(ids, settings=self.settings, publisher=self.publisher, marked=True)
@@ -184,6 +157,28 @@ class Intake:
                 log.exception("publish_crashed", events=len(ids))
             for pending in batch:
                 _resolve(pending, pending.published)
+
+
+def _take_waiting(
+    waiting: queue.SimpleQueue[_Pending | None], *, limit: int | None = None
+) -> list[_Pending] | None:
+    """Block for one webhook, then take every other one waiting (up to ``limit`` alerts);
+    None once ``stop`` was asked and nothing is left before it."""
+    first = waiting.get()
+    if first is None:
+        return None
+    batch, alerts = [first], len(first.notification.alerts)
+    while limit is None or alerts < limit:
+        try:
+            more = waiting.get_nowait()
+        except queue.Empty:
+            break
+        if more is None:
+            waiting.put(None)  # stop after this batch
+            break
+        batch.append(more)
+        alerts += len(more.notification.alerts)
+    return batch
 
 
 _intakes: dict[tuple[int, int, int], Intake] = {}

@@ -16,7 +16,6 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
@@ -228,14 +227,14 @@ def handle_events(
         with transaction(settings.database_url) as session:
             created = _admit(session, planned)
     except Exception as exc:
-        if (isinstance(exc, SQLAlchemyError) and is_transient_ledger_error(exc)) or len(planned) < 2:
+        if is_transient_ledger_error(exc) or len(planned) < 2:
             raise  # transient: the whole message is retried; nothing of it was committed
         for one in planned:
             try:
                 with transaction(settings.database_url) as session:
                     created.extend(_admit(session, [one]))
             except Exception as single:
-                if isinstance(single, SQLAlchemyError) and is_transient_ledger_error(single):
+                if is_transient_ledger_error(single):
                     raise
                 log.exception("event_admission_failed", event_id=one.event.id)
                 failed[one.event.id] = single

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from workers import telemetry
 from workers.ledger import repository
 from workers.ledger.db import transaction
+from workers.ledger.models import AlertEvent, Run
 from workers.settings import Settings
 from workers.tasknames import HANDLE_ALERT, RUN_REMEDIATION
 
@@ -85,40 +85,38 @@ class Publisher:
             raise PublishError(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _send(publisher: Publisher, messages: Sequence[Message], ids: Sequence[str], *, task: str) -> list[str]:
-    """Publish; returns the ids sent (all or none): a down broker costs one timeout."""
+def _publish(
+    ids: Sequence[str],
+    messages: Sequence[Message],
+    *,
+    model: repository.Publishable,
+    marked: bool,
+    settings: Settings,
+    publisher: Publisher,
+) -> int:
+    """Send the messages for ``ids`` (all or none: a down broker costs one timeout) and record it.
+
+    What was sent is marked; or, when the rows were marked as published in the transaction that
+    recorded them (``marked``), only a refusal writes, to unmark them so the reconciler sends
+    them soon. Returns how many ids were sent.
+    """
+    if not ids:
+        return 0
+    task = messages[0].task
     try:
         publisher.publish(messages)
+        sent = True
     except PublishError as exc:
         telemetry.PUBLISH_FAILURES.labels(task=task).inc()
         log.warning("publish_failed", task=task, error=str(exc), left_for_reconciler=len(ids))
-        return []
-    return list(ids)
-
-
-def _record_publishes(
-    ids: Sequence[str],
-    sent: Sequence[str],
-    *,
-    marked: bool,
-    mark: Callable[[Session, Sequence[str]], None],
-    unmark: Callable[[Session, Sequence[str]], None],
-    settings: Settings,
-) -> None:
-    """Record the publishes: mark what was sent, or, when the rows were marked as published in
-    the transaction that recorded them, unmark what was not (the reconciler then sends it soon)."""
-    if marked:
-        done = set(sent)
-        todo, write = [i for i in ids if i not in done], unmark
-    else:
-        todo, write = list(sent), mark
-    if not todo:
-        return
-    try:
-        with transaction(settings.database_url) as session:
-            write(session, todo)
-    except SQLAlchemyError as exc:  # the reconciler sends them again after the redelivery delay, harmlessly
-        log.warning("publish_not_recorded", error_type=type(exc).__name__, ids=len(todo))
+        sent = False
+    if sent != marked:
+        try:
+            with transaction(settings.database_url) as session:
+                (repository.mark_enqueued if sent else repository.unmark_enqueued)(session, model, ids)
+        except SQLAlchemyError as exc:  # the reconciler sends them after the redelivery delay, harmlessly
+            log.warning("publish_not_recorded", error_type=type(exc).__name__, ids=len(ids))
+    return len(ids) if sent else 0
 
 
 def publish_events(
@@ -126,23 +124,15 @@ def publish_events(
 ) -> int:
     """Publish ``handle_alert`` for recorded events, ``EVENTS_PER_MESSAGE`` per message; returns how many.
 
-    ``marked``: the events were recorded as published (``record_notifications(published=True)``),
-    so only a failure needs a write; otherwise what was sent is marked.
+    ``marked``: the events were recorded as published (``record_notifications(published=True)``).
     """
     messages = [
         publisher.handle_alert(event_ids[i : i + EVENTS_PER_MESSAGE])
         for i in range(0, len(event_ids), EVENTS_PER_MESSAGE)
     ]
-    sent = _send(publisher, messages, event_ids, task="handle_alert")
-    _record_publishes(
-        event_ids,
-        sent,
-        marked=marked,
-        mark=repository.mark_events_enqueued,
-        unmark=repository.unmark_events_enqueued,
-        settings=settings,
+    return _publish(
+        event_ids, messages, model=AlertEvent, marked=marked, settings=settings, publisher=publisher
     )
-    return len(sent)
 
 
 def publish_runs(
@@ -156,13 +146,4 @@ def publish_runs(
     """Publish ``run_remediation`` for (run id, timeout) pairs, one message per run; as ``publish_events``."""
     messages = [publisher.run_remediation(run_id, timeout_s=t, countdown=countdown) for run_id, t in runs]
     ids = [run_id for run_id, _ in runs]
-    sent = _send(publisher, messages, ids, task="run_remediation") if runs else []
-    _record_publishes(
-        ids,
-        sent,
-        marked=marked,
-        mark=repository.mark_runs_enqueued,
-        unmark=repository.unmark_runs_enqueued,
-        settings=settings,
-    )
-    return len(sent)
+    return _publish(ids, messages, model=Run, marked=marked, settings=settings, publisher=publisher)

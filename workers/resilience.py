@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random_exponential
 
 from remediations import RetryPolicy
@@ -48,9 +47,7 @@ def ledger_retrying(settings: Settings, *, within_s: float | None = None) -> Cal
 
     def call(fn: Callable[[], T]) -> T:
         retrying = Retrying(
-            retry=retry_if_exception(
-                lambda e: isinstance(e, SQLAlchemyError) and is_transient_ledger_error(e)
-            ),
+            retry=retry_if_exception(lambda e: is_transient_ledger_error(e)),
             stop=stop_after_delay(settings.lease_s if within_s is None else within_s),
             wait=wait_random_exponential(multiplier=0.2, max=5),
             reraise=True,

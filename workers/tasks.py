@@ -6,7 +6,6 @@ from typing import Any
 
 import redis
 from celery import Task, current_app, shared_task, signals
-from sqlalchemy.exc import SQLAlchemyError
 
 from workers import planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
@@ -37,7 +36,7 @@ def _setup_logging(**_: Any) -> None:
 
 def _retry_on_ledger_error(task: Task[Any, Any], exc: Exception) -> None:
     """Turn a transient ledger error into a retry with backoff; anything else propagates."""
-    if not (isinstance(exc, SQLAlchemyError) and is_transient_ledger_error(exc)):
+    if not is_transient_ledger_error(exc):
         return
     settings = get_settings()
     policy = ledger_policy(settings)

@@ -239,7 +239,7 @@ def test_unhandled_event_is_redelivered_with_backoff(sqlite_url: str) -> None:
     settings = Settings(database_url=sqlite_url, reconcile_after_s=0, redeliver_after_s=60)
     event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
     with transaction(sqlite_url) as session:
-        repository.mark_events_enqueued(session, [event_id])  # published; the message was lost
+        repository.mark_enqueued(session, AlertEvent, [event_id])  # published; the message was lost
     publisher = RecordingPublisher(settings)
     assert reconcile(settings=settings, publisher=publisher).events == 0  # not due yet
     with transaction(sqlite_url) as session:

@@ -228,20 +228,23 @@ def _seed_runs(url: str) -> None:
             ),
             ("r2", "failed", {"command": "c"}),
         ):
-            repository.insert_run(
+            repository.insert_runs(
                 session,
-                {
-                    "dedupe_key": f"alert:fp-{rule}:2026-11-23T05:02:19.000000000Z:{rule}",
-                    "fingerprint": f"fp-{rule}",
-                    "starts_at": "2026-11-23T05:02:19.000000000Z",
-                    "rule": rule,
-                    "remediation": "http_request",
-                    "params": params,
-                    "timeout_s": 1.0,
-                    "mode": "enforce",
-                    "trigger": "alert",
-                    "status": status,
-                },
+                [
+                    {
+                        "id": repository.new_id(),
+                        "dedupe_key": f"alert:fp-{rule}:2026-11-23T05:02:19.000000000Z:{rule}",
+                        "fingerprint": f"fp-{rule}",
+                        "starts_at": "2026-11-23T05:02:19.000000000Z",
+                        "rule": rule,
+                        "remediation": "http_request",
+                        "params": params,
+                        "timeout_s": 1.0,
+                        "mode": "enforce",
+                        "trigger": "alert",
+                        "status": status,
+                    }
+                ],
             )
 
 

@@ -63,7 +63,7 @@ def record_notifications(
     Repeats, retries and HA duplicates become duplicates; within the batch the first webhook
     to carry an alert gets it accepted, later ones a duplicate, as if they had come one by one.
     ``published``: the caller publishes the accepted events right after the commit, so they are
-    recorded as published once (``unmark_events_enqueued`` undoes it if publishing fails).
+    recorded as published once (``unmark_enqueued`` undoes it if publishing fails).
     """
     now = utcnow()
     fresh: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -138,23 +138,25 @@ def _existing_event_ids(
     return found
 
 
-def mark_events_enqueued(session: Session, event_ids: Sequence[str]) -> None:
-    """Record that ``handle_alert`` was published (again) for these events."""
-    if event_ids:
+Publishable = type[AlertEvent] | type[Run]
+
+
+def mark_enqueued(session: Session, model: Publishable, ids: Sequence[str]) -> None:
+    """Record that a message was published (again) for these events or runs."""
+    if ids:
         session.execute(
-            update(AlertEvent)
-            .where(AlertEvent.id.in_(event_ids))
-            .values(enqueued_at=utcnow(), publishes=AlertEvent.publishes + 1)
+            update(model).where(model.id.in_(ids)).values(enqueued_at=utcnow(), publishes=model.publishes + 1)
         )
 
 
-def unmark_events_enqueued(session: Session, event_ids: Sequence[str]) -> None:
-    """Undo ``published=True`` for events whose publish failed: the reconciler sends them soon."""
-    if event_ids:
+def unmark_enqueued(session: Session, model: Publishable, ids: Sequence[str]) -> None:
+    """Undo a publish recorded with the rows (``published=True``) whose message the broker did
+    not take: the reconciler then sends it soon."""
+    if ids:
         session.execute(
-            update(AlertEvent)
-            .where(AlertEvent.id.in_(event_ids), AlertEvent.publishes > 0)
-            .values(enqueued_at=None, publishes=AlertEvent.publishes - 1)
+            update(model)
+            .where(model.id.in_(ids), model.publishes > 0)
+            .values(enqueued_at=None, publishes=model.publishes - 1)
         )
 
 
@@ -308,12 +310,6 @@ def insert_runs(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
     return set(session.connection().execute(statement, params).scalars())
 
 
-def insert_run(session: Session, values: dict[str, Any]) -> str | None:
-    """Insert one run; None when its dedupe key already has one."""
-    run_id = new_id()
-    return run_id if insert_runs(session, [{"id": run_id, **values}]) else None
-
-
 def runs_by_keys(session: Session, dedupe_keys: Sequence[str]) -> dict[str, Run]:
     """The runs already admitted under these dedupe keys."""
     if not dedupe_keys:
@@ -321,24 +317,6 @@ def runs_by_keys(session: Session, dedupe_keys: Sequence[str]) -> dict[str, Run]
     return {
         run.dedupe_key: run for run in session.scalars(select(Run).where(Run.dedupe_key.in_(dedupe_keys)))
     }
-
-
-def mark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
-    """Record that ``run_remediation`` was published (again) for these runs."""
-    if run_ids:
-        session.execute(
-            update(Run).where(Run.id.in_(run_ids)).values(enqueued_at=utcnow(), publishes=Run.publishes + 1)
-        )
-
-
-def unmark_runs_enqueued(session: Session, run_ids: Sequence[str]) -> None:
-    """Undo the publish recorded at admission for runs whose publish failed."""
-    if run_ids:
-        session.execute(
-            update(Run)
-            .where(Run.id.in_(run_ids), Run.publishes > 0)
-            .values(enqueued_at=None, publishes=Run.publishes - 1)
-        )
 
 
 def runs_to_enqueue(
