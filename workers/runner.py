@@ -32,8 +32,9 @@ from remediations import (
 from workers import telemetry
 from workers.config import ResponderConfig
 from workers.ledger import attempts
+from workers.ledger.attempts import ClaimedRun
 from workers.ledger.db import db_now, transaction
-from workers.ledger.models import AlertEvent, Run
+from workers.ledger.models import AlertEvent
 from workers.planner import event_alert
 from workers.resilience import attempt_policy, ledger_retrying
 from workers.settings import Settings
@@ -155,7 +156,7 @@ def _failure(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
 
 
 def _attempt(
-    run: Run, event: AlertEvent | None, config: ResponderConfig, cancelled: threading.Event
+    run: ClaimedRun, event: AlertEvent | None, config: ResponderConfig, cancelled: threading.Event
 ) -> RemediationResult:
     definition = get_remediation(run.remediation)
     context = template_context(event_alert(event) if event is not None else None)
@@ -197,7 +198,7 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
             max_attempts=settings.max_attempts,
             lease_s=settings.lease_s,
         )
-        run = session.get(Run, run_id)
+        run = claim.run
         if claim.kind != "run" or run is None:
             log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
             return Execution("failed" if claim.kind == "exhausted" else "skipped")
@@ -220,7 +221,7 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
 
 
 def _run_and_record(
-    run: Run,
+    run: ClaimedRun,
     event: AlertEvent | None,
     config: ResponderConfig,
     settings: Settings,
@@ -236,6 +237,7 @@ def _run_and_record(
         retry = retryable and not policy.gives_up_after(number)
         owned = _finish(
             settings,
+            run_id=run.id,
             attempt_id=attempt_id,
             outcome="failed",
             error=error,
@@ -264,6 +266,7 @@ def _run_and_record(
         )
     owned = _finish(
         settings,
+        run_id=run.id,
         attempt_id=attempt_id,
         outcome="succeeded",
         error=None,

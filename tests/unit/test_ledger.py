@@ -16,7 +16,7 @@ from workers.admission import Admission, RunRequest, admit
 from workers.alerts import WebhookPayload
 from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, get_engine, transaction
-from workers.ledger.models import AlertEvent, Attempt, Base, Run, utcnow
+from workers.ledger.models import AlertEvent, Base, Run, utcnow
 from workers.ledger.states import RunStatus
 
 
@@ -159,10 +159,11 @@ def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> attempts.
         )
 
 
-def finish(url: str, attempt_id: int | None, outcome: str, run_status: str) -> bool:
+def finish(url: str, run_id: str, attempt_id: int | None, outcome: str, run_status: str) -> bool:
     with transaction(url) as session:
         return attempts.finish_attempt(
             session,
+            run_id=run_id,
             attempt_id=attempt_id or 0,
             outcome=outcome,  # type: ignore[arg-type]
             error=None if outcome == "succeeded" else "boom",
@@ -179,10 +180,10 @@ def test_attempt_claims(ledger_url: str) -> None:
     assert claim(ledger_url, run_id, "task-b").kind == "busy"  # another message, still in time
     redelivered = claim(ledger_url, run_id, "task-a")  # the same message again: its worker died
     assert (redelivered.kind, redelivered.number, redelivered.abandoned) == ("run", 2, [1])
-    assert finish(ledger_url, redelivered.attempt_id, "failed", "queued")
+    assert finish(ledger_url, run_id, redelivered.attempt_id, "failed", "queued")
     third = claim(ledger_url, run_id, "task-c")
     assert third.number == 3
-    assert finish(ledger_url, third.attempt_id, "failed", "queued")
+    assert finish(ledger_url, run_id, third.attempt_id, "failed", "queued")
     assert claim(ledger_url, run_id, "task-d").kind == "exhausted"
     with transaction(ledger_url) as session:
         run = session.get(Run, run_id)
@@ -198,7 +199,7 @@ def test_late_attempt_does_not_overwrite_its_successor(ledger_url: str) -> None:
     first = claim(ledger_url, run_id, "task-a", lease_s=-1)
     second = claim(ledger_url, run_id, "task-b")
     assert (second.kind, second.abandoned) == ("run", [1])
-    assert finish(ledger_url, first.attempt_id, "succeeded", "succeeded") is False
+    assert finish(ledger_url, run_id, first.attempt_id, "succeeded", "succeeded") is False
     with transaction(ledger_url) as session:
         run = session.get(Run, run_id)
         assert run is not None and run.status == "running"
@@ -206,7 +207,7 @@ def test_late_attempt_does_not_overwrite_its_successor(ledger_url: str) -> None:
             ("abandoned", "succeeded"),
             ("running", None),
         ]
-    assert finish(ledger_url, second.attempt_id, "failed", "failed") is True
+    assert finish(ledger_url, run_id, second.attempt_id, "failed", "failed") is True
     with transaction(ledger_url) as session:
         run = session.get(Run, run_id)
         assert run is not None and (run.status, run.error) == ("failed", "boom")
@@ -247,7 +248,7 @@ def test_lease_renewal_keeps_an_attempt_alive(ledger_url: str) -> None:
     with transaction(ledger_url) as session:
         assert attempts.requeue_stale_runs(session, now=db_now(session), limit=10) == []
     assert claim(ledger_url, run_id, "task-b").kind == "busy"
-    assert finish(ledger_url, first.attempt_id, "succeeded", "succeeded")
+    assert finish(ledger_url, run_id, first.attempt_id, "succeeded", "succeeded")
     with transaction(ledger_url) as session:
         assert not attempts.renew_lease(session, first.attempt_id or 0, now=utcnow(), lease_s=60)
 
@@ -293,9 +294,9 @@ def test_heartbeat_renews_then_notices_it_was_superseded(ledger_url: str) -> Non
     time.sleep(1.5)  # past the first lease: only renewals keep it
     assert claim(ledger_url, run_id, "task-b").kind == "busy" and not cancelled.is_set()
     with transaction(ledger_url) as session:  # an operator cancels the run: the attempt is closed
-        attempt = session.get(Attempt, first.attempt_id)
-        assert attempt is not None
-        assert attempts.abandon_attempt(session, attempt, now=db_now(session), error="operator")
+        assert attempts.abandon_attempt(
+            session, first.attempt_id or 0, run_id, now=db_now(session), error="operator"
+        )
     assert cancelled.wait(5) and beat.lost is not None and "superseded" in beat.lost
     beat.stop()
     assert not beat.is_alive()

@@ -10,15 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Table, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from workers.ledger.db import db_now
-from workers.ledger.models import Attempt, Run, utcnow
-from workers.ledger.repository import episode_resolved
+from workers.ledger.models import AlertEvent, Attempt, Run, utcnow
 from workers.ledger.states import FINISHED, AttemptOutcome, RunStatus, sources
+
+# Core statements on the tables: a run's claim and close are the worker's hot path, and the
+# ORM's identity map and unit of work cost more than the statements themselves (bench/).
+RUNS = cast(Table, Run.__table__)
+ATTEMPTS = cast(Table, Attempt.__table__)
+EVENTS = cast(Table, AlertEvent.__table__)
 
 
 def transition_run(
@@ -38,11 +43,10 @@ def transition_run(
     extra: dict[str, Any] = {"updated_at": now, **values}
     if to in FINISHED:
         extra.setdefault("finished_at", now)
-    result = session.execute(
-        update(Run)
-        .where(Run.id == run_id, Run.status.in_([s.value for s in allowed]))
+    result = session.connection().execute(
+        update(RUNS)
+        .where(RUNS.c.id == run_id, RUNS.c.status.in_([s.value for s in allowed]))
         .values(status=to.value, **extra)
-        .execution_options(synchronize_session=False)
     )
     return _rowcount(result) == 1
 
@@ -54,11 +58,10 @@ def _rowcount(result: Any) -> int:
 
 def _update_running_attempt(session: Session, attempt_id: int, **values: Any) -> bool:
     """Update an attempt only while it is running (compare-and-set); False if it was not."""
-    result = session.execute(
-        update(Attempt)
-        .where(Attempt.id == attempt_id, Attempt.outcome == AttemptOutcome.RUNNING)
+    result = session.connection().execute(
+        update(ATTEMPTS)
+        .where(ATTEMPTS.c.id == attempt_id, ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value)
         .values(**values)
-        .execution_options(synchronize_session=False)
     )
     return _rowcount(result) == 1
 
@@ -68,12 +71,12 @@ def _close_attempt(session: Session, attempt_id: int, outcome: AttemptOutcome, *
     return _update_running_attempt(session, attempt_id, outcome=outcome.value, **values)
 
 
-def abandon_attempt(session: Session, attempt: Attempt, *, now: datetime, error: str) -> bool:
+def abandon_attempt(session: Session, attempt_id: int, run_id: str, *, now: datetime, error: str) -> bool:
     """Give up a running attempt and put its run back in the queue; False if it had moved on."""
-    if not _close_attempt(session, attempt.id, AttemptOutcome.ABANDONED, ended_at=now, error=error):
+    if not _close_attempt(session, attempt_id, AttemptOutcome.ABANDONED, ended_at=now, error=error):
         return False
     transition_run(
-        session, attempt.run_id, RunStatus.QUEUED, expect=[RunStatus.RUNNING], enqueued_at=None, publishes=0
+        session, run_id, RunStatus.QUEUED, expect=[RunStatus.RUNNING], enqueued_at=None, publishes=0
     )
     return True
 
@@ -85,14 +88,18 @@ def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[s
     Covers what redelivery does not: Celery acks a task killed by its hard time limit, and a
     dead or cut-off worker's message returns only after the visibility timeout.
     """
-    stale = session.scalars(
-        select(Attempt)
-        .where(Attempt.outcome == AttemptOutcome.RUNNING, Attempt.deadline_at < now)
-        .order_by(Attempt.deadline_at)
+    stale = session.connection().execute(
+        select(ATTEMPTS.c.id, ATTEMPTS.c.run_id)
+        .where(ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value, ATTEMPTS.c.deadline_at < now)
+        .order_by(ATTEMPTS.c.deadline_at)
         .limit(limit)
-    ).all()
+    )
     error = "lease expired: no heartbeat from the worker (killed, hard time limit, or cut off)"
-    return [a.run_id for a in stale if abandon_attempt(session, a, now=now, error=error)]
+    return [
+        run_id
+        for attempt_id, run_id in stale
+        if abandon_attempt(session, attempt_id, run_id, now=now, error=error)
+    ]
 
 
 def renew_lease(session: Session, attempt_id: int, *, now: datetime, lease_s: float) -> bool:
@@ -105,6 +112,21 @@ def renew_lease(session: Session, attempt_id: int, *, now: datetime, lease_s: fl
 ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted", "resolved"]
 
 
+@dataclass(frozen=True)
+class ClaimedRun:
+    """What an attempt needs of its run, read in the claim's transaction."""
+
+    id: str
+    remediation: str
+    params: dict[str, Any]
+    timeout_s: float
+    trigger: str
+    rule: str | None
+    fingerprint: str | None
+    target: str | None
+    event_id: str | None
+
+
 @dataclass
 class Claim:
     """What ``claim_run`` decided for one delivery of ``run_remediation``."""
@@ -113,6 +135,7 @@ class Claim:
     attempt_id: int | None = None
     number: int = 0
     abandoned: list[int] = field(default_factory=list)
+    run: ClaimedRun | None = None
 
 
 def claim_run(
@@ -130,16 +153,35 @@ def claim_run(
     or one whose lease expired, is closed as ``abandoned``. An open attempt of another message
     within its lease is still running somewhere: this delivery is ``busy`` and does nothing.
     An alert run whose episode has resolved meanwhile is not started. Every status change is
-    a compare-and-set; the lease is set on the ledger's clock.
+    a compare-and-set (the run's row is also locked on PostgreSQL); the lease is set on the
+    ledger's clock.
     """
+    connection = session.connection()
     now = db_now(session)
-    run = session.get(Run, run_id, with_for_update=True, populate_existing=True)
+    resolved = (
+        exists()
+        .where(
+            EVENTS.c.fingerprint == RUNS.c.fingerprint,
+            EVENTS.c.starts_at == RUNS.c.starts_at,
+            EVENTS.c.status == "resolved",
+        )
+        .label("resolved")
+    )
+    run = connection.execute(
+        select(RUNS, resolved).where(RUNS.c.id == run_id).with_for_update(of=RUNS)
+    ).one_or_none()
     if run is None:
         return Claim("missing")
     if run.status in FINISHED:
         return Claim("finished")
+    tried = connection.execute(
+        select(ATTEMPTS.c.id, ATTEMPTS.c.number, ATTEMPTS.c.task_id, ATTEMPTS.c.deadline_at)
+        .add_columns(ATTEMPTS.c.outcome, ATTEMPTS.c.error)
+        .where(ATTEMPTS.c.run_id == run_id)
+        .order_by(ATTEMPTS.c.number)
+    ).all()
     claim = Claim("run")
-    for attempt in run.attempts:
+    for attempt in tried:
         if attempt.outcome != AttemptOutcome.RUNNING:
             continue
         if attempt.task_id == task_id or attempt.deadline_at <= now:
@@ -148,85 +190,91 @@ def claim_run(
                 if attempt.task_id == task_id
                 else "lease expired without a heartbeat"
             )
-            if abandon_attempt(session, attempt, now=now, error=error):
+            if abandon_attempt(session, attempt.id, run_id, now=now, error=error):
                 claim.abandoned.append(attempt.number)
         else:
             return Claim("busy")
-    session.expire_all()  # the compare-and-set updates above bypassed the loaded objects
-    run = session.get(Run, run_id)
-    if run is None:
-        return Claim("missing")
-    resolved = run.trigger == "alert" and run.fingerprint and run.starts_at
-    if resolved and episode_resolved(session, run.fingerprint or "", run.starts_at or ""):
-        to = RunStatus.CANCELLED if run.attempts else RunStatus.SKIPPED
-        transition_run(session, run.id, to, expect=[RunStatus.QUEUED], skip_reason="resolved")
+    if run.trigger == "alert" and run.fingerprint and run.starts_at and run.resolved:
+        to = RunStatus.CANCELLED if tried else RunStatus.SKIPPED
+        transition_run(session, run_id, to, expect=[RunStatus.QUEUED], skip_reason="resolved")
         return Claim("resolved")
-    if len(run.attempts) >= max_attempts:
-        last = run.attempts[-1].error if run.attempts else None
+    if len(tried) >= max_attempts:
+        last = tried[-1].error if tried else None
         transition_run(
             session,
-            run.id,
+            run_id,
             RunStatus.FAILED,
-            error=f"gave up after {len(run.attempts)} attempts; last error: {last}",
+            error=f"gave up after {len(tried)} attempts; last error: {last}",
         )
         claim.kind = "exhausted"
         return claim
-    attempt = Attempt(
-        run_id=run.id,
-        number=len(run.attempts) + 1,
-        task_id=task_id,
-        worker=worker[:200],
-        started_at=now,
-        deadline_at=now + timedelta(seconds=lease_s),
-        heartbeat_at=now,
-        outcome=AttemptOutcome.RUNNING,
-    )
     if not transition_run(
         session,
-        run.id,
+        run_id,
         RunStatus.RUNNING,
         expect=[RunStatus.QUEUED],
         started_at=run.started_at or now,
         publishes=0,
     ):
         return Claim("finished")
-    session.add(attempt)
-    session.flush()
-    claim.attempt_id = attempt.id
-    claim.number = attempt.number
+    number = len(tried) + 1
+    inserted = connection.execute(
+        insert(ATTEMPTS)
+        .values(
+            run_id=run_id,
+            number=number,
+            task_id=task_id,
+            worker=worker[:200],
+            started_at=now,
+            deadline_at=now + timedelta(seconds=lease_s),
+            heartbeat_at=now,
+            outcome=AttemptOutcome.RUNNING.value,
+        )
+        .returning(ATTEMPTS.c.id)
+    )
+    claim.attempt_id = int(inserted.scalar_one())
+    claim.number = number
+    claim.run = ClaimedRun(
+        id=run.id,
+        remediation=run.remediation,
+        params=run.params,
+        timeout_s=run.timeout_s,
+        trigger=run.trigger,
+        rule=run.rule,
+        fingerprint=run.fingerprint,
+        target=run.target,
+        event_id=run.event_id,
+    )
     return claim
 
 
 def finish_attempt(
     session: Session,
     *,
+    run_id: str,
     attempt_id: int,
     outcome: Literal["succeeded", "failed"],
     error: str | None,
     output: dict[str, Any] | None,
     run_status: Literal["succeeded", "failed", "queued"],
 ) -> bool:
-    """Close an attempt and move its run on (``queued`` means a retry will follow).
+    """Close an attempt of ``run_id`` and move the run on (``queued`` means a retry will follow).
 
     Returns False when the attempt had lost its claim (its lease was given up, or the run was
     cancelled): then only the attempt's own late outcome is recorded and the run is left alone.
     """
     now = utcnow()
-    attempt = session.get(Attempt, attempt_id)
-    if attempt is None:
-        raise LookupError(f"attempt {attempt_id} not found")
     if not _close_attempt(
         session, attempt_id, AttemptOutcome(outcome), ended_at=now, error=error, output=output
     ):
-        session.execute(
-            update(Attempt)
-            .where(Attempt.id == attempt_id)
-            .values(late_outcome=outcome, output=output)
-            .execution_options(synchronize_session=False)
+        late = session.connection().execute(
+            update(ATTEMPTS).where(ATTEMPTS.c.id == attempt_id).values(late_outcome=outcome, output=output)
         )
+        if _rowcount(late) != 1:
+            raise LookupError(f"attempt {attempt_id} not found")
         return False
     to = RunStatus(run_status)
     values: dict[str, Any] = {"error": error if to != RunStatus.SUCCEEDED else None}
     if to == RunStatus.QUEUED:
         values.update(enqueued_at=None, publishes=0)  # set again once the retry is published
-    return transition_run(session, attempt.run_id, to, expect=[RunStatus.RUNNING], **values)
+    return transition_run(session, run_id, to, expect=[RunStatus.RUNNING], **values)

@@ -264,20 +264,6 @@ def note_event_error(session: Session, event_id: str, *, error: str) -> None:
     session.execute(update(AlertEvent).where(AlertEvent.id == event_id).values(error=error[:4000]))
 
 
-def episode_resolved(session: Session, fingerprint: str, starts_at: str) -> bool:
-    """Whether a resolved event of this episode has been recorded."""
-    found = session.scalar(
-        select(AlertEvent.id)
-        .where(
-            AlertEvent.fingerprint == fingerprint,
-            AlertEvent.starts_at == starts_at,
-            AlertEvent.status == "resolved",
-        )
-        .limit(1)
-    )
-    return found is not None
-
-
 def resolved_episodes(session: Session, episodes: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
     """Which of these (fingerprint, startsAt) episodes have a resolved event recorded."""
     wanted = list(set(episodes))
