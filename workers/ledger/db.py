@@ -137,7 +137,10 @@ class WriterLock:
 
     def _file(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:  # as SQLite says when it cannot open the database file
+                raise OperationalError("open ledger writer lock", None, exc) from exc
         return self._fd
 
     @contextmanager
