@@ -12,18 +12,48 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, exists, insert, select, update
+from sqlalchemy import Table, bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from workers.ledger.db import db_now
 from workers.ledger.models import AlertEvent, Attempt, Run, utcnow
 from workers.ledger.states import FINISHED, AttemptOutcome, RunStatus, sources
 
-# Core statements on the tables: a run's claim and close are the worker's hot path, and the
-# ORM's identity map and unit of work cost more than the statements themselves (bench/).
+# A run's claim and close are the worker's hot path: Core statements built once (their SET
+# columns come from the parameters), since building a statement and the ORM's identity map and
+# unit of work cost more than executing it (bench/worker.py; docs/benchmarks.md).
 RUNS = cast(Table, Run.__table__)
 ATTEMPTS = cast(Table, Attempt.__table__)
 EVENTS = cast(Table, AlertEvent.__table__)
+
+_SET_RUN = update(RUNS).where(
+    RUNS.c.id == bindparam("run_key"), RUNS.c.status.in_(bindparam("allowed", expanding=True))
+)
+_SET_RUNNING_ATTEMPT = update(ATTEMPTS).where(
+    ATTEMPTS.c.id == bindparam("attempt_key"), ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value
+)
+_SET_ATTEMPT = update(ATTEMPTS).where(ATTEMPTS.c.id == bindparam("attempt_key"))
+_RUN_TO_CLAIM = (
+    select(
+        RUNS,
+        exists()
+        .where(
+            EVENTS.c.fingerprint == RUNS.c.fingerprint,
+            EVENTS.c.starts_at == RUNS.c.starts_at,
+            EVENTS.c.status == "resolved",
+        )
+        .label("resolved"),
+    )
+    .where(RUNS.c.id == bindparam("run_key"))
+    .with_for_update(of=RUNS)
+)
+_ATTEMPTS_OF_RUN = (
+    select(ATTEMPTS.c.id, ATTEMPTS.c.number, ATTEMPTS.c.task_id, ATTEMPTS.c.deadline_at)
+    .add_columns(ATTEMPTS.c.outcome, ATTEMPTS.c.error)
+    .where(ATTEMPTS.c.run_id == bindparam("run_key"))
+    .order_by(ATTEMPTS.c.number)
+)
+_INSERT_ATTEMPT = insert(ATTEMPTS).returning(ATTEMPTS.c.id)
 
 
 def transition_run(
@@ -44,9 +74,8 @@ def transition_run(
     if to in FINISHED:
         extra.setdefault("finished_at", now)
     result = session.connection().execute(
-        update(RUNS)
-        .where(RUNS.c.id == run_id, RUNS.c.status.in_([s.value for s in allowed]))
-        .values(status=to.value, **extra)
+        _SET_RUN,
+        {"run_key": run_id, "allowed": [s.value for s in allowed], "status": to.value, **extra},
     )
     return _rowcount(result) == 1
 
@@ -58,11 +87,7 @@ def _rowcount(result: Any) -> int:
 
 def _update_running_attempt(session: Session, attempt_id: int, **values: Any) -> bool:
     """Update an attempt only while it is running (compare-and-set); False if it was not."""
-    result = session.connection().execute(
-        update(ATTEMPTS)
-        .where(ATTEMPTS.c.id == attempt_id, ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value)
-        .values(**values)
-    )
+    result = session.connection().execute(_SET_RUNNING_ATTEMPT, {"attempt_key": attempt_id, **values})
     return _rowcount(result) == 1
 
 
@@ -158,28 +183,12 @@ def claim_run(
     """
     connection = session.connection()
     now = db_now(session)
-    resolved = (
-        exists()
-        .where(
-            EVENTS.c.fingerprint == RUNS.c.fingerprint,
-            EVENTS.c.starts_at == RUNS.c.starts_at,
-            EVENTS.c.status == "resolved",
-        )
-        .label("resolved")
-    )
-    run = connection.execute(
-        select(RUNS, resolved).where(RUNS.c.id == run_id).with_for_update(of=RUNS)
-    ).one_or_none()
+    run = connection.execute(_RUN_TO_CLAIM, {"run_key": run_id}).one_or_none()
     if run is None:
         return Claim("missing")
     if run.status in FINISHED:
         return Claim("finished")
-    tried = connection.execute(
-        select(ATTEMPTS.c.id, ATTEMPTS.c.number, ATTEMPTS.c.task_id, ATTEMPTS.c.deadline_at)
-        .add_columns(ATTEMPTS.c.outcome, ATTEMPTS.c.error)
-        .where(ATTEMPTS.c.run_id == run_id)
-        .order_by(ATTEMPTS.c.number)
-    ).all()
+    tried = connection.execute(_ATTEMPTS_OF_RUN, {"run_key": run_id}).all()
     claim = Claim("run")
     for attempt in tried:
         if attempt.outcome != AttemptOutcome.RUNNING:
@@ -219,18 +228,17 @@ def claim_run(
         return Claim("finished")
     number = len(tried) + 1
     inserted = connection.execute(
-        insert(ATTEMPTS)
-        .values(
-            run_id=run_id,
-            number=number,
-            task_id=task_id,
-            worker=worker[:200],
-            started_at=now,
-            deadline_at=now + timedelta(seconds=lease_s),
-            heartbeat_at=now,
-            outcome=AttemptOutcome.RUNNING.value,
-        )
-        .returning(ATTEMPTS.c.id)
+        _INSERT_ATTEMPT,
+        {
+            "run_id": run_id,
+            "number": number,
+            "task_id": task_id,
+            "worker": worker[:200],
+            "started_at": now,
+            "deadline_at": now + timedelta(seconds=lease_s),
+            "heartbeat_at": now,
+            "outcome": AttemptOutcome.RUNNING.value,
+        },
     )
     claim.attempt_id = int(inserted.scalar_one())
     claim.number = number
@@ -268,7 +276,7 @@ def finish_attempt(
         session, attempt_id, AttemptOutcome(outcome), ended_at=now, error=error, output=output
     ):
         late = session.connection().execute(
-            update(ATTEMPTS).where(ATTEMPTS.c.id == attempt_id).values(late_outcome=outcome, output=output)
+            _SET_ATTEMPT, {"attempt_key": attempt_id, "late_outcome": outcome, "output": output}
         )
         if _rowcount(late) != 1:
             raise LookupError(f"attempt {attempt_id} not found")
