@@ -16,6 +16,7 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
+from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
@@ -157,8 +158,8 @@ def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
     )
 
 
-def event_alert(event: AlertEvent) -> Alert:
-    """Rebuild the alert an event was recorded from."""
+def event_alert(event: AlertEvent | Row[Any]) -> Alert:
+    """Rebuild the alert an event was recorded from (an ORM event or a row of its columns)."""
     return Alert.model_validate(
         {
             "status": event.status,

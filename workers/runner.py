@@ -1,10 +1,8 @@
 """``run_remediation``: one attempt of one run, claimed under a lease and closed in the ledger.
 
-While the remediation runs, a heartbeat renews the attempt's lease on the ledger's clock. If
-the lease cannot be renewed (the ledger is unreachable, or the attempt was abandoned or the run
-cancelled), the heartbeat tells the remediation to stop (``ctx.cancelled``) before anyone else
-may take the run over, and whatever the attempt reports afterwards is recorded on the attempt
-alone (``late_outcome``), never on the run.
+While the remediation runs, its lease is kept alive (``workers.leases``); once it is lost the
+remediation is told to stop (``ctx.cancelled``), and whatever the attempt reports afterwards is
+recorded on the attempt alone (``late_outcome``), never on the run.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,12 +26,11 @@ from remediations import (
     get_remediation,
     registered,
 )
-from workers import telemetry
+from workers import leases, telemetry
 from workers.config import ResponderConfig
 from workers.ledger import attempts
 from workers.ledger.attempts import ClaimedRun
-from workers.ledger.db import db_now, transaction
-from workers.ledger.models import AlertEvent
+from workers.ledger.db import transaction
 from workers.planner import event_alert
 from workers.resilience import attempt_policy, ledger_retrying
 from workers.settings import Settings
@@ -84,63 +80,6 @@ def check_delivery_settings(settings: Settings, config: ResponderConfig) -> None
         )
 
 
-class Heartbeat(threading.Thread):
-    """Renews an attempt's lease every ``lease_s / 3``; sets ``cancelled`` once it is lost.
-
-    Each renewal runs in a thread of its own, so a ledger that hangs (a network partition
-    leaves sockets waiting, not failing) cannot stop this one from noticing that the lease ran
-    out. The local expiry is counted from before each renewal was sent, so this worker stops
-    acting no later than the ledger, which other workers' reconcilers read, expires the lease.
-    """
-
-    def __init__(self, *, url: str, attempt_id: int, lease_s: float, cancelled: threading.Event) -> None:
-        super().__init__(name=f"lease-{attempt_id}", daemon=True)
-        self.url = url
-        self.attempt_id = attempt_id
-        self.lease_s = lease_s
-        self.cancelled = cancelled
-        self.expires = time.monotonic() + lease_s
-        self._stopping = threading.Event()
-        self._renewal: threading.Thread | None = None
-        self.lost: str | None = None
-
-    def run(self) -> None:
-        while not self._stopping.wait(self.lease_s / 3) and self.lost is None:
-            if time.monotonic() >= self.expires:
-                self._lose("lease expired: the ledger could not be reached to renew it")
-                return
-            if self._renewal is None or not self._renewal.is_alive():
-                self._renewal = threading.Thread(target=self._renew, name=f"{self.name}-renew", daemon=True)
-                self._renewal.start()
-
-    def _renew(self) -> None:
-        sent = time.monotonic()
-        try:
-            with transaction(self.url) as session:
-                renewed = attempts.renew_lease(
-                    session, self.attempt_id, now=db_now(session), lease_s=self.lease_s
-                )
-        except SQLAlchemyError as exc:
-            log.warning("lease_renewal_failed", error_type=type(exc).__name__)
-            return
-        if renewed:
-            self.expires = max(self.expires, sent + self.lease_s)
-        elif not self._stopping.is_set():
-            self._lose("superseded: the attempt was abandoned or its run cancelled")
-
-    def _lose(self, reason: str) -> None:
-        if self.lost is None:
-            self.lost = reason
-            self.cancelled.set()
-            log.warning("lease_lost", reason=reason)
-
-    def stop(self) -> None:
-        """Stop renewing (the attempt is being closed)."""
-        self._stopping.set()
-        if self.is_alive():
-            self.join(timeout=self.lease_s)
-
-
 def _failure(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
     """(error text, details, retryable) for an exception raised by a remediation."""
     if isinstance(exc, RemediationError):
@@ -155,11 +94,9 @@ def _failure(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
     return f"unexpected {type(exc).__name__}: {exc}", None, False
 
 
-def _attempt(
-    run: ClaimedRun, event: AlertEvent | None, config: ResponderConfig, cancelled: threading.Event
-) -> RemediationResult:
+def _attempt(run: ClaimedRun, config: ResponderConfig, cancelled: threading.Event) -> RemediationResult:
     definition = get_remediation(run.remediation)
-    context = template_context(event_alert(event) if event is not None else None)
+    context = template_context(event_alert(run.event) if run.event is not None else None)
     ctx = config.context(run_id=run.id, render=renderer(context), cancelled=cancelled)
     params = definition.validate(run.params)  # re-checked before acting
     return definition.run(ctx, params)
@@ -198,31 +135,22 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
             max_attempts=settings.max_attempts,
             lease_s=settings.lease_s,
         )
-        run = claim.run
-        if claim.kind != "run" or run is None:
-            log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
-            return Execution("failed" if claim.kind == "exhausted" else "skipped")
-        event = session.get(AlertEvent, run.event_id) if run.event_id else None
-        session.expunge_all()
+    run = claim.run
+    if claim.kind != "run" or run is None or claim.attempt_id is None:
+        log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
+        return Execution("failed" if claim.kind == "exhausted" else "skipped")
     telemetry.bind(rule=run.rule, remediation=run.remediation, fingerprint=run.fingerprint, target=run.target)
     if claim.abandoned:
         log.warning("attempts_abandoned", attempts=claim.abandoned)
     log.info("attempt_started", attempt=claim.number)
-    assert claim.attempt_id is not None  # noqa: S101 - set for kind "run"
-    cancelled = threading.Event()
-    heartbeat = Heartbeat(
-        url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s, cancelled=cancelled
-    )
-    heartbeat.start()
-    try:
-        return _run_and_record(run, event, config, settings, claim.attempt_id, claim.number, cancelled)
-    finally:
-        heartbeat.stop()
+    with leases.kept(
+        url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s
+    ) as lease:
+        return _run_and_record(run, config, settings, claim.attempt_id, claim.number, lease.cancelled)
 
 
 def _run_and_record(
     run: ClaimedRun,
-    event: AlertEvent | None,
     config: ResponderConfig,
     settings: Settings,
     attempt_id: int,
@@ -231,7 +159,7 @@ def _run_and_record(
 ) -> Execution:
     policy: RetryPolicy = attempt_policy(settings)
     try:
-        result = _attempt(run, event, config, cancelled)
+        result = _attempt(run, config, cancelled)
     except (Exception, SoftTimeLimitExceeded) as exc:
         error, details, retryable = _failure(exc)
         retry = retryable and not policy.gives_up_after(number)

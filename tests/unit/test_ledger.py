@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from datetime import timedelta
@@ -281,22 +282,44 @@ def test_stale_attempts_are_requeued(ledger_url: str) -> None:
 
 def test_heartbeat_renews_then_notices_it_was_superseded(ledger_url: str) -> None:
     """The heartbeat keeps a lease alive, stops cleanly, and cancels the attempt once superseded."""
-    import threading
     import time
 
-    from workers.runner import Heartbeat
+    from workers import leases
 
     run_id = _run(ledger_url)
     first = claim(ledger_url, run_id, "task-a", lease_s=1)
-    cancelled = threading.Event()
-    beat = Heartbeat(url=ledger_url, attempt_id=first.attempt_id or 0, lease_s=1, cancelled=cancelled)
-    beat.start()
-    time.sleep(1.5)  # past the first lease: only renewals keep it
-    assert claim(ledger_url, run_id, "task-b").kind == "busy" and not cancelled.is_set()
-    with transaction(ledger_url) as session:  # an operator cancels the run: the attempt is closed
-        assert attempts.abandon_attempt(
-            session, first.attempt_id or 0, run_id, now=db_now(session), error="operator"
-        )
-    assert cancelled.wait(5) and beat.lost is not None and "superseded" in beat.lost
-    beat.stop()
-    assert not beat.is_alive()
+    with leases.kept(url=ledger_url, attempt_id=first.attempt_id or 0, lease_s=1) as lease:
+        assert leases.keeper().holding() == 1
+        time.sleep(1.5)  # past the first lease: only renewals keep it
+        assert claim(ledger_url, run_id, "task-b").kind == "busy" and not lease.cancelled.is_set()
+        with transaction(ledger_url) as session:  # an operator cancels the run: the attempt is closed
+            assert attempts.abandon_attempt(
+                session, first.attempt_id or 0, run_id, now=db_now(session), error="operator"
+            )
+        assert lease.cancelled.wait(5) and lease.lost is not None and "superseded" in lease.lost
+    assert leases.keeper().holding() == 0
+
+
+def test_one_keeper_renews_every_lease_and_notices_an_unreachable_ledger(
+    ledger_url: str, tmp_path: Any
+) -> None:
+    """Several attempts' leases from one thread; a lease it cannot renew is lost once it expires."""
+    import time
+
+    from workers import leases
+
+    runs = [_run(ledger_url, rule=f"r{i}") for i in range(3)]
+    claims = [claim(ledger_url, run_id, f"task-{run_id}", lease_s=1) for run_id in runs]
+    with contextlib.ExitStack() as held:
+        kept = [
+            held.enter_context(leases.kept(url=ledger_url, attempt_id=c.attempt_id or 0, lease_s=1))
+            for c in claims
+        ]
+        time.sleep(1.5)  # past every first lease: only renewals keep them
+        assert [claim(ledger_url, run_id, "other").kind for run_id in runs] == ["busy"] * 3
+        assert not any(lease.cancelled.is_set() for lease in kept)
+    unreachable = f"sqlite:///{tmp_path}/no/such/dir/ledger.db"
+    started = time.monotonic()
+    with leases.kept(url=unreachable, attempt_id=1, lease_s=1) as lease:
+        assert lease.cancelled.wait(5) and "lease expired" in (lease.lost or "")
+    assert time.monotonic() - started >= 1  # not before the lease ran out

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 
-from sqlalchemy import Table, bindparam, exists, insert, select, update
+from sqlalchemy import Row, Table, bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from workers.ledger.db import db_now
@@ -54,6 +54,11 @@ _ATTEMPTS_OF_RUN = (
     .order_by(ATTEMPTS.c.number)
 )
 _INSERT_ATTEMPT = insert(ATTEMPTS).returning(ATTEMPTS.c.id)
+_EVENT_OF_RUN = (
+    select(EVENTS.c.status, EVENTS.c.labels, EVENTS.c.annotations, EVENTS.c.starts_at, EVENTS.c.ends_at)
+    .add_columns(EVENTS.c.generator_url, EVENTS.c.fingerprint)
+    .where(EVENTS.c.id == bindparam("event_key"))
+)
 
 
 def transition_run(
@@ -150,6 +155,8 @@ class ClaimedRun:
     fingerprint: str | None
     target: str | None
     event_id: str | None
+    # The alert event that caused the run (status, labels, annotations, times, fingerprint).
+    event: Row[Any] | None
 
 
 @dataclass
@@ -252,6 +259,11 @@ def claim_run(
         fingerprint=run.fingerprint,
         target=run.target,
         event_id=run.event_id,
+        event=(
+            connection.execute(_EVENT_OF_RUN, {"event_key": run.event_id}).one_or_none()
+            if run.event_id
+            else None
+        ),
     )
     return claim
 
