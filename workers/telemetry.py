@@ -81,7 +81,9 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.access", "httpx", "httpcore"):
+    # Per-request and per-task lines that repeat our own structured ones (a run's attempt_started
+    # and remediation_succeeded, Celery's "received" and "succeeded"); warnings and errors pass.
+    for noisy in ("uvicorn.access", "httpx", "httpcore", "celery.worker.strategy", "celery.app.trace"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 
