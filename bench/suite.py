@@ -1,7 +1,7 @@
 """``make bench``: the whole suite, then every target with met / not met.
 
-Sizes that fit the suite in 15 minutes on a 2-core machine: intake and end to end 3 runs each,
-drain 3 runs of 2,000 alerts, one storm of 10,000 alerts. ``--full`` runs the issue's sizes
+Sizes that fit the suite in 15 minutes on a 2-core machine: intake, the ledger's cost per
+attempt and end to end 3 runs each, drain 3 runs of 2,000 alerts, one storm of 10,000 alerts. ``--full`` runs the issue's sizes
 (drain 10,000, three storms), which takes longer; ``--smoke`` runs each script with tiny
 numbers (what ``make test`` does: no figure from it means anything).
 
@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 
-from bench import intake, storm, worker
+from bench import intake, ledger, storm, worker
 from bench.harness import RESULTS, Report
 
 
@@ -30,12 +30,14 @@ def main(argv: list[str] | None = None) -> list[Report]:
     if args.smoke:
         reports = [
             intake.main(["--runs", "1", "--seconds", "1", "--connections", "4"]),
+            ledger.main(["--runs", "1", "--attempts", "20"]),
             worker.main(["--runs", "1", "--rates", "20", "--seconds", "1", "--drain", "40"]),
             storm.main(["--runs", "1", "--alerts", "100"]),
         ]
     else:
         reports = [
             intake.main(["--runs", "3", "--seconds", "6"]),
+            ledger.main(["--runs", "3", "--attempts", "1000"]),
             worker.main(["--runs", "3", "--seconds", "8", "--drain", "10000" if args.full else "2000"]),
             storm.main(["--runs", "3" if args.full else "1", "--alerts", "10000"]),
         ]

@@ -34,10 +34,12 @@ def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((ROOT / "bench" / "results" / "suite.json").read_text())
-    assert set(results) == {"intake", "worker", "storm"}
+    assert set(results) == {"intake", "ledger", "worker", "storm"}
     intake = results["intake"]["figures"]
     for key in ("floor_rps", "sqlite_rps", "sqlite_dup_rps", "postgresql_rps", "postgresql_dup_rps"):
         assert intake[key]["median"] > 0, key
+    ledger = results["ledger"]["figures"]
+    assert ledger["sqlite_attempt_ms"]["median"] > 0 and ledger["postgresql_attempt_ms"]["median"] > 0
     worker = results["worker"]["figures"]
     assert worker["drain"]["median"] > 0 and worker["floor_drain"]["median"] > 0
     assert worker["e2e_20_non2xx"]["median"] == 0
