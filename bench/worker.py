@@ -2,7 +2,8 @@
 
 End to end: one alert per webhook at a steady rate (open loop), from the webhook sent to the
 remediation's HTTP call received at a local target; against bare Celery's enqueue-to-start at
-the same rate (``bench.floors``, the worker's own Celery configuration). Drain: N alerts recorded
+the same rate (``bench.floors``, the worker's own Celery configuration). Both first get
+``WARM_UP`` messages at that rate, whose first is reported alone (the first after a start). Drain: N alerts recorded
 by the receiver while no worker runs, then one worker started: alerts remediated per second
 from the moment it is ready; against bare Celery draining N no-op tasks the same way. Memory
 (RSS and PSS of the worker's process tree) at rest and at the peak of the drain. SQLite ledger
@@ -37,6 +38,10 @@ from workers.celery_app import create_celery_app
 from workers.settings import Settings
 
 WEBHOOK_ALERTS_IN_DRAIN = 10
+# The first messages after a start pay one-time costs (SQLAlchemy compiling statements, the
+# first task in each process); they are reported on their own ("first after start"), and the
+# steady-state figures start after these many, for the floor and the project alike.
+WARM_UP = 10
 
 
 def _celery(redis_url: str):  # type: ignore[no-untyped-def]
@@ -75,8 +80,15 @@ def end_to_end(report: Report, rate: float, seconds: float, run: str) -> None:
             "floor_worker_rest_rss", memory_mib(worker.pid)[0], name="bare Celery RSS at rest", unit="MiB"
         )
         app = _celery(redis_url)
-        _send_tasks(app, STAMP, count, rate=rate)
         client = redis_client(redis_url)
+        _send_tasks(app, STAMP, WARM_UP, rate=rate)
+        wait_for(lambda: client.llen(LATENCIES) >= WARM_UP, timeout=60, what="bare Celery to warm up")
+        first = float(client.lindex(LATENCIES, 0))  # type: ignore[arg-type]
+        report.add(
+            f"floor_e2e_{rate:g}_first", first * 1000, name="bare Celery first task after start", unit="ms"
+        )
+        client.delete(LATENCIES)
+        _send_tasks(app, STAMP, count, rate=rate)
         wait_for(lambda: client.llen(LATENCIES) >= count, timeout=seconds + 60, what="bare Celery")
         latencies = [float(v) for v in client.lrange(LATENCIES, 0, -1)]  # type: ignore[union-attr]
         report.add(
@@ -102,6 +114,17 @@ def end_to_end(report: Report, rate: float, seconds: float, run: str) -> None:
         settle(1.0)
         report.add("worker_rest_pss", memory_mib(worker.pid)[1], name="worker PSS at rest", unit="MiB")
         report.add("worker_rest_rss", memory_mib(worker.pid)[0], name="worker RSS at rest", unit="MiB")
+        warm = [json.dumps(webhook([alert(f"w{i}", run=run)])).encode() for i in range(WARM_UP)]
+        warmed = send_at_rate(url + "/api/v1/alertmanager", warm, rate)
+        wait_for(lambda: target.count() >= WARM_UP, timeout=60, what="the worker to warm up", interval=0.05)
+        first_call = {c["path"].rsplit("/", 1)[1]: c["at"] for c in target.calls()}["w0"]
+        report.add(
+            f"e2e_{rate:g}_first",
+            (first_call - min(warmed.sent_at)) * 1000,
+            name="first alert after start: webhook->call",
+            unit="ms",
+        )
+        target.reset()
         bodies = [json.dumps(webhook([alert(str(i), run=run)])).encode() for i in range(count)]
         sent = send_at_rate(url + "/api/v1/alertmanager", bodies, rate)
         last_sent = max(sent.sent_at)

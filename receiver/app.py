@@ -6,22 +6,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
-from receiver import errors, intake
+from receiver import deps, errors, intake
 from receiver.routes import alertmanager, ops, runs
+from workers.settings import get_settings
 
 
-@asynccontextmanager
-async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
-    yield
-    intake.stop_all()  # commit and publish what is queued before the process exits
+def create_app(*, warm_up: bool = False) -> FastAPI:
+    """The receiver application; ``warm_up``: connect to the ledger and the broker at startup."""
 
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if warm_up:
+            settings = get_settings()
+            await run_in_threadpool(intake.get_intake(settings, deps.publisher_for(settings)).warm_up)
+        yield
+        intake.stop_all()  # commit and publish what is queued before the process exits
 
-def create_app() -> FastAPI:
-    """The receiver application."""
-    app = FastAPI(title="alert-responder", version="0.1.0", lifespan=_lifespan)
+    app = FastAPI(title="alert-responder", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.include_router(ops.router)
     app.include_router(alertmanager.router)
     app.include_router(runs.router)
     return app
+
+
+def serve_app() -> FastAPI:
+    """The application ``responder serve`` runs: warmed up before it answers the first webhook."""
+    return create_app(warm_up=True)

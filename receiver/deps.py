@@ -32,12 +32,17 @@ _bearer = HTTPBearer(auto_error=False)
 _publishers: dict[int, Publisher] = {}
 
 
-async def get_publisher(settings: SettingsDep) -> Publisher:
+def publisher_for(settings: Settings) -> Publisher:
     """The process's publisher: one Celery app and producer pool per settings object."""
     publisher = _publishers.get(id(settings))
     if publisher is None or publisher.settings is not settings:
         publisher = _publishers[id(settings)] = Publisher(create_celery_app(settings), settings)
     return publisher
+
+
+async def get_publisher(settings: SettingsDep) -> Publisher:
+    """The process's publisher (``publisher_for``)."""
+    return publisher_for(settings)
 
 
 PublisherDep = Annotated[Publisher, Depends(get_publisher)]

@@ -28,7 +28,7 @@ from typing import Any
 from workers import telemetry
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
-from workers.ledger.db import is_transient_ledger_error, transaction
+from workers.ledger.db import db_now, is_transient_ledger_error, transaction
 from workers.publishing import Publisher, publish_events
 from workers.settings import Settings
 
@@ -84,6 +84,18 @@ class Intake:
             ]
             for thread in self._threads:
                 thread.start()
+
+    def warm_up(self) -> None:
+        """Start the threads and connect to the ledger and the broker before the first webhook
+        (which otherwise waited about 130 ms for them); a failure is logged, and the first
+        webhook meets it again and answers for it."""
+        self._start()
+        try:
+            with transaction(self.settings.database_url) as session:
+                db_now(session)
+            self.publisher.warm_up()
+        except Exception as exc:
+            log.warning("intake_warm_up_failed", error_type=type(exc).__name__)
 
     def stop(self) -> None:
         """Finish what is queued, then stop the threads (application shutdown)."""

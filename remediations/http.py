@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 import time
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -170,6 +171,24 @@ def _headers(ctx: RemediationContext, params: HttpRequestParams) -> dict[str, st
 _clients: dict[tuple[int, int], httpx.Client] = {}
 
 
+_tls: ssl.SSLContext | None = None
+
+
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context (the CA bundle loaded, tens of milliseconds and a few MiB) for this
+    process and, built before the worker forks its pool, for every child it forks."""
+    global _tls
+    if _tls is None:
+        _tls = httpx.create_ssl_context()
+    return _tls
+
+
+def warm_up() -> None:
+    """Build the TLS context and this process's pooled client now: the first alert a fresh
+    worker process handles should not wait for them."""
+    _client(None)
+
+
 def _client(transport: httpx.BaseTransport | None) -> httpx.Client:
     """This process's pooled client (per transport): connections and the TLS context are reused.
 
@@ -181,6 +200,7 @@ def _client(transport: httpx.BaseTransport | None) -> httpx.Client:
     if client is None:
         client = _clients[key] = httpx.Client(
             transport=transport,
+            verify=_tls_context(),
             trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute calls
             follow_redirects=False,  # a redirect could leave the allowlist
         )

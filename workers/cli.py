@@ -56,7 +56,7 @@ def serve(host: str, port: int) -> None:
     if missing:
         names = " and ".join(f"RESPONDER_{n.upper()}_TOKENS" for n in missing)
         raise click.UsageError(f"{names} must be set (comma-separated bearer tokens)")
-    uvicorn.run("receiver.app:create_app", **server_options(host=host, port=port))
+    uvicorn.run("receiver.app:serve_app", **server_options(host=host, port=port))
 
 
 def server_options(*, host: str, port: int) -> dict[str, Any]:

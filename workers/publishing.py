@@ -63,6 +63,13 @@ class Publisher:
             countdown=countdown,
         )
 
+    def warm_up(self) -> None:
+        """Connect to the broker now. The first connection costs over 100 ms (kombu sets up its
+        transport), which the first alert after a start should not wait for. Raises if the
+        broker cannot be reached; publishing later connects again as usual."""
+        with self.app.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1)
+
     def publish(self, messages: Sequence[Message]) -> None:
         """Send the messages, pipelined (kombu's ``Producer.batch``: one Redis round trip per
         ``PIPELINE_SIZE``); raises PublishError, after which none may be counted as sent."""

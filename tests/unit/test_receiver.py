@@ -281,3 +281,28 @@ def test_receiver_imports_no_remediation_code() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_served_app_starts_when_the_broker_and_ledger_are_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The warm-up at startup (ledger and broker connections) may fail: the receiver still
+    starts and answers, and the failure is logged; the first webhook meets it and answers 503."""
+    from structlog.testing import capture_logs
+
+    from receiver.app import serve_app
+    from workers.settings import get_settings
+
+    monkeypatch.setenv("RESPONDER_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("RESPONDER_DATABASE_URL", f"sqlite:///{tmp_path}/no/such/dir/ledger.db")
+    monkeypatch.setenv("RESPONDER_INGEST_TOKENS", "ingest-secret-1")
+    monkeypatch.setenv("RESPONDER_PUBLISH_CONNECT_TIMEOUT_S", "0.5")
+    get_settings.cache_clear()
+    try:
+        with capture_logs() as logs, TestClient(serve_app(), raise_server_exceptions=False) as client:
+            assert client.get("/healthz").status_code == 200
+            response = client.post("/api/v1/alertmanager", content=body(), headers=INGEST)
+            assert response.status_code == 503 and response.json()["error"] == "ledger_unavailable"
+    finally:
+        get_settings.cache_clear()
+    assert [e["error_type"] for e in logs if e["event"] == "intake_warm_up_failed"] == ["OperationalError"]
