@@ -60,7 +60,7 @@ def _warm_up_before_fork(**_: Any) -> None:
     """
     try:
         _config()
-        http.warm_up()
+        http.warm_up()  # a client here loads httpx's transport modules once, shared too
         configure_mappers()
     except Exception as exc:  # each child tries again, and its tasks report it
         log.warning("worker_warm_up_failed", error_type=type(exc).__name__)
@@ -72,10 +72,11 @@ def _warm_up_before_fork(**_: Any) -> None:
 def _warm_up(**_: Any) -> None:
     """Pay a fresh worker process's one-time costs before its first task, not during an alert.
 
-    The config parsed and its templates compiled, the ledger connected, the pooled HTTP client
-    and its TLS context built, the broker connection for publishing opened: together they made
-    the first alerts after a worker start about 300 ms slower than the rest (``bench/worker.py``). A failure here is not fatal: the first
-    task meets it again and handles it as usual.
+    The ledger connected, the pooled HTTP client built, the broker connection for publishing
+    opened (and the config, if the parent could not load it): together with what the parent
+    prepares they made the first alerts after a start about 300 ms slower than the rest
+    (``bench/worker.py``). A failure here is not fatal: the first task meets it again and
+    handles it as usual.
     """
     settings = get_settings()
     try:

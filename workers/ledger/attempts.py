@@ -10,22 +10,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-from sqlalchemy import Row, Table, bindparam, exists, insert, select, update
+from sqlalchemy import Row, bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from workers.ledger.db import db_now
-from workers.ledger.models import AlertEvent, Attempt, Run, utcnow
+from workers.ledger.models import ATTEMPTS, EVENTS, RUNS, utcnow
 from workers.ledger.states import FINISHED, AttemptOutcome, RunStatus, sources
 
 # A run's claim and close are the worker's hot path: Core statements built once (their SET
 # columns come from the parameters), since building a statement and the ORM's identity map and
-# unit of work cost more than executing it (bench/worker.py; docs/benchmarks.md).
-RUNS = cast(Table, Run.__table__)
-ATTEMPTS = cast(Table, Attempt.__table__)
-EVENTS = cast(Table, AlertEvent.__table__)
-
+# unit of work cost more than executing it (bench/ledger.py; docs/benchmarks.md).
 _SET_RUN = update(RUNS).where(
     RUNS.c.id == bindparam("run_key"), RUNS.c.status.in_(bindparam("allowed", expanding=True))
 )
@@ -150,11 +146,9 @@ class ClaimedRun:
     remediation: str
     params: dict[str, Any]
     timeout_s: float
-    trigger: str
     rule: str | None
     fingerprint: str | None
     target: str | None
-    event_id: str | None
     # The alert event that caused the run (status, labels, annotations, times, fingerprint).
     event: Row[Any] | None
 
@@ -254,11 +248,9 @@ def claim_run(
         remediation=run.remediation,
         params=run.params,
         timeout_s=run.timeout_s,
-        trigger=run.trigger,
         rule=run.rule,
         fingerprint=run.fingerprint,
         target=run.target,
-        event_id=run.event_id,
         event=(
             connection.execute(_EVENT_OF_RUN, {"event_key": run.event_id}).one_or_none()
             if run.event_id

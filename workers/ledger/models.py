@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -161,3 +162,9 @@ class Attempt(Base):
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     run: Mapped[Run] = relationship(back_populates="attempts")
+
+
+# The tables, for Core statements where the ORM costs more than the statement (hot paths).
+EVENTS = cast(Table, AlertEvent.__table__)
+RUNS = cast(Table, Run.__table__)
+ATTEMPTS = cast(Table, Attempt.__table__)

@@ -6,14 +6,14 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers.alerts import Alert
-from workers.ledger.models import AlertEvent, Run, utcnow
+from workers.ledger.models import EVENTS, RUNS, AlertEvent, Run, utcnow
 from workers.ledger.states import RunStatus
 
 INSERT_CHUNK = 500
@@ -90,9 +90,9 @@ def record_notifications(
     # One statement for any number of rows (executemany): compiled once and cached, where a
     # multi-row VALUES clause is compiled anew for every row count.
     statement = (
-        _insert(session, AlertEvent.__table__)
+        _insert(session, EVENTS)
         .on_conflict_do_nothing(index_elements=["fingerprint", "starts_at", "status"])
-        .returning(AlertEvent.__table__.c.id)
+        .returning(EVENTS.c.id)
     )
     inserted = set(session.connection().execute(statement, list(fresh.values())).scalars())
     ids = {key: row["id"] for key, row in fresh.items() if row["id"] in inserted}
@@ -241,10 +241,9 @@ def mark_events_handled(session: Session, matched: dict[str, int]) -> None:
     if not matched:
         return
     now = utcnow()
-    table = cast(Table, AlertEvent.__table__)
     session.connection().execute(
-        update(table)
-        .where(table.c.id == bindparam("event_id"), table.c.handled_at.is_(None))
+        update(EVENTS)
+        .where(EVENTS.c.id == bindparam("event_id"), EVENTS.c.handled_at.is_(None))
         .values(handled_at=now, matched_rules=bindparam("matched")),
         [{"event_id": event_id, "matched": count} for event_id, count in matched.items()],
     )
@@ -288,9 +287,7 @@ def insert_runs(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
         return set()
     now = utcnow()
     statement = (
-        _insert(session, Run.__table__)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(Run.__table__.c.id)
+        _insert(session, RUNS).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(RUNS.c.id)
     )
     params = [{"created_at": now, "updated_at": now, **row} for row in rows]
     return set(session.connection().execute(statement, params).scalars())
