@@ -152,7 +152,7 @@ def end_to_end(report: Report, rate: float, seconds: float, run: str) -> None:
         report.add(f"e2e_{rate:g}_non2xx", sent.non_2xx, name=f"non-2xx at {rate:g}/s", unit="responses")
 
 
-def drain(report: Report, count: int, run: str) -> None:
+def drain_floor(report: Report, count: int) -> None:
     with Bench("drain-floor") as bench:
         redis_url = bench.redis()
         app = _celery(redis_url)
@@ -171,9 +171,12 @@ def drain(report: Report, count: int, run: str) -> None:
             unit="MiB",
         )
 
-    with Bench("drain") as bench:
+
+def drain(report: Report, count: int, run: str, database: str) -> None:
+    key = "drain" if database == "sqlite" else f"drain_{database}"
+    with Bench(key) as bench:
         redis_url = bench.redis()
-        ledger = bench.ledger("sqlite")
+        ledger = bench.ledger(database)
         target = bench.target()
         env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=target.url)
         url, _ = bench.receiver(env)
@@ -190,9 +193,10 @@ def drain(report: Report, count: int, run: str) -> None:
         with peak_memory({"worker": worker.pid}) as peaks:
             wait_for(lambda: target.count() >= total, timeout=1200, what="the backlog to drain", interval=0.1)
         elapsed = time.monotonic() - t0
-        report.add("drain", total / elapsed, name="alerts remediated from a backlog", unit="alerts/s")
-        report.add("worker_load_pss", peaks.get("worker_pss", 0.0), name="worker PSS peak", unit="MiB")
-        report.add("worker_load_rss", peaks.get("worker_rss", 0.0), name="worker RSS peak", unit="MiB")
+        report.add(key, total / elapsed, name=f"alerts remediated from a backlog ({database})", unit="alerts/s")
+        if database == "sqlite":
+            report.add("worker_load_pss", peaks.get("worker_pss", 0.0), name="worker PSS peak", unit="MiB")
+            report.add("worker_load_rss", peaks.get("worker_rss", 0.0), name="worker RSS peak", unit="MiB")
 
 
 def main(argv: list[str] | None = None) -> Report:
@@ -203,7 +207,13 @@ def main(argv: list[str] | None = None) -> Report:
     parser.add_argument("--rates", default="20,100")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--drain", type=int, default=10000)
+    parser.add_argument(
+        "--databases",
+        default="sqlite,postgresql",
+        help="ledgers to drain into (comma-separated; sqlite is the embedded default)",
+    )
     args = parser.parse_args(argv)
+    databases = [d for d in args.databases.split(",") if d]
     rates = [float(r) for r in args.rates.split(",") if r]
     report = Report("worker")
     for i in range(args.runs):
@@ -211,7 +221,9 @@ def main(argv: list[str] | None = None) -> Report:
         for rate in rates:
             end_to_end(report, rate, args.seconds, f"{run}r{rate:g}")
         if args.drain:
-            drain(report, args.drain, run + "d")
+            drain_floor(report, args.drain)
+            for database in databases:
+                drain(report, args.drain, run + "d" + database[0], database)
     for rate in rates:
         report.target(
             f"end to end at {rate:g}/s: p50 vs bare Celery's",
@@ -231,10 +243,11 @@ def main(argv: list[str] | None = None) -> Report:
             2.0,
             at_least=False,
         )
-    if args.drain:
+    for database in databases if args.drain else []:
+        key = "drain" if database == "sqlite" else f"drain_{database}"
         report.target(
-            "drain: alerts/s vs bare Celery no-op tasks/s",
-            report.median("drain") / report.median("floor_drain"),
+            f"drain ({database}): alerts/s vs bare Celery no-op tasks/s",
+            report.median(key) / report.median("floor_drain"),
             0.35,
             at_least=True,
         )

@@ -10,21 +10,29 @@ from starlette.concurrency import run_in_threadpool
 
 from receiver import deps, errors, intake
 from receiver.routes import alertmanager, ops, runs
-from workers.settings import get_settings
+from workers.publishing import Publisher
+from workers.settings import Settings, get_settings
 
 
-def create_app(*, warm_up: bool = False) -> FastAPI:
-    """The receiver application; ``warm_up``: connect to the ledger and the broker at startup."""
+def create_app(
+    *, settings: Settings | None = None, publisher: Publisher | None = None, warm_up: bool = False
+) -> FastAPI:
+    """The receiver application on ``settings`` (default: the environment's) and ``publisher``
+    (default: Celery on the settings' broker); ``warm_up``: connect to the ledger and the
+    broker at startup."""
+    settings = settings or get_settings()
+    publisher = publisher or deps.publisher_for(settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if warm_up:
-            settings = get_settings()
-            await run_in_threadpool(intake.get_intake(settings, deps.publisher_for(settings)).warm_up)
+            await run_in_threadpool(intake.get_intake(settings, publisher).warm_up)
         yield
         intake.stop_all()  # commit and publish what is queued before the process exits
 
     app = FastAPI(title="alert-responder", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.publisher = publisher
     errors.install(app)
     app.include_router(ops.router)
     app.include_router(alertmanager.router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -20,6 +21,7 @@ _RFC3339 = re.compile(
 ZERO_TIME = "0001-01-01T00:00:00.000000000Z"
 
 
+@lru_cache(maxsize=4096)  # pure; every firing alert has the zero endsAt, repeats share startsAt
 def canonical_time(value: str) -> str:
     """Normalise an RFC 3339 timestamp to UTC with exactly nine fractional digits.
 
@@ -37,7 +39,10 @@ def canonical_time(value: str) -> str:
         utc = base.astimezone(UTC)
     except (ValueError, OverflowError) as exc:
         raise ValueError(f"not a valid UTC instant: {value[:64]!r}") from exc
-    return f"{utc.year:04d}-{utc:%m-%dT%H:%M:%S}.{nanos}Z"
+    return (
+        f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}"
+        f"T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}.{nanos}Z"
+    )
 
 
 def no_nul(value: str) -> str:

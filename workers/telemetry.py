@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 import structlog.tracebacks
@@ -45,9 +45,25 @@ def _redact_processor(
     return event_dict
 
 
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's ``WriteLogger`` with a ``name``, which ``add_logger_name`` puts on each line."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
 def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
-    """Route structlog and the standard library (Celery, uvicorn) through one pipeline."""
-    as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    """One pipeline for our structlog lines and the standard library's (Celery, uvicorn).
+
+    Our lines go straight from structlog to the stream (filtered by level before any processor
+    runs); only foreign lines go through ``logging`` and structlog's ``ProcessorFormatter``.
+    Routing our own lines through ``logging`` as well cost a webhook about 8% of the receiver's
+    time for its one line (``docs/benchmarks.md``).
+    """
+    stream = sys.stderr
+    as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
+    numeric_level = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -66,12 +82,12 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
     )
     final: list[Any] = [tracebacks, renderer] if as_json else [renderer]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *final],
+        logger_factory=lambda name="", *_: _NamedWriteLogger(stream, name),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -80,7 +96,7 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(numeric_level)
     # Per-request and per-task lines that repeat our own structured ones (a run's attempt_started
     # and remediation_succeeded, Celery's "received" and "succeeded"); warnings and errors pass.
     for noisy in ("uvicorn.access", "httpx", "httpcore", "celery.worker.strategy", "celery.app.trace"):
@@ -98,7 +114,7 @@ def clear() -> None:
 
 
 def get_logger(name: str) -> Any:
-    """A structlog logger."""
+    """A structlog logger; its lines carry ``logger``: ``name``."""
     return structlog.get_logger(name)
 
 

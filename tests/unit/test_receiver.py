@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from receiver.app import create_app
-from receiver.deps import get_publisher, settings_dependency
 from tests.helpers import FIXTURES, RecordingPublisher, alert_payload
 from workers.ledger import repository
 from workers.ledger.db import transaction
@@ -25,10 +24,7 @@ OPERATOR = {"Authorization": "Bearer operator-secret-1"}
 
 
 def make_client(settings: Settings, publisher: RecordingPublisher) -> TestClient:
-    app = create_app()
-    app.dependency_overrides[settings_dependency] = lambda: settings
-    app.dependency_overrides[get_publisher] = lambda: publisher
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(create_app(settings=settings, publisher=publisher), raise_server_exceptions=False)
 
 
 @pytest.fixture
