@@ -193,7 +193,9 @@ def drain(report: Report, count: int, run: str, database: str) -> None:
         with peak_memory({"worker": worker.pid}) as peaks:
             wait_for(lambda: target.count() >= total, timeout=1200, what="the backlog to drain", interval=0.1)
         elapsed = time.monotonic() - t0
-        report.add(key, total / elapsed, name=f"alerts remediated from a backlog ({database})", unit="alerts/s")
+        report.add(
+            key, total / elapsed, name=f"alerts remediated from a backlog ({database})", unit="alerts/s"
+        )
         if database == "sqlite":
             report.add("worker_load_pss", peaks.get("worker_pss", 0.0), name="worker PSS peak", unit="MiB")
             report.add("worker_load_rss", peaks.get("worker_rss", 0.0), name="worker RSS peak", unit="MiB")

@@ -45,13 +45,16 @@ def test_redact_by_key() -> None:
 
 
 def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.CaptureFixture[str]) -> None:
-    """Services log JSON lines carrying the bound keys; secret-named fields are redacted."""
+    """Services log JSON lines carrying the bound keys and the logger's name, ours and the standard
+    library's alike; secret-named fields are redacted; lines under the level are dropped."""
     telemetry.configure_logging(fmt="json", level="INFO")
     try:
         telemetry.clear()
         telemetry.bind(run_id="r1", rule="probe")
         telemetry.get_logger("t").info("remediation_succeeded", token="abc", params={"password": "p"})
+        telemetry.get_logger("t").debug("below_the_level")
         logging.getLogger("celery.x").warning("stdlib line")
+        logging.getLogger("celery.x").debug("stdlib below the level")
         telemetry.clear()
         telemetry.get_logger("t").info("after_clear")
     finally:
@@ -63,5 +66,7 @@ def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.Captur
     first, stdlib, cleared = lines
     assert first["event"] == "remediation_succeeded" and first["run_id"] == "r1" and first["rule"] == "probe"
     assert first["token"] == "[REDACTED]" and first["params"] == {"password": "[REDACTED]"}
+    assert first["logger"] == "t" and first["level"] == "info" and first["timestamp"].endswith("Z")
     assert stdlib["event"] == "stdlib line" and stdlib["run_id"] == "r1"
+    assert stdlib["logger"] == "celery.x" and stdlib["level"] == "warning"
     assert "run_id" not in cleared
