@@ -28,7 +28,7 @@ from typing import Any
 from workers import telemetry
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
-from workers.ledger.db import db_now, is_transient_ledger_error, transaction
+from workers.ledger.db import connect, is_transient_ledger_error, transaction
 from workers.publishing import Publisher, publish_events
 from workers.settings import Settings
 
@@ -91,8 +91,7 @@ class Intake:
         webhook meets it again and answers for it."""
         self._start()
         try:
-            with transaction(self.settings.database_url) as session:
-                db_now(session)
+            connect(self.settings.database_url)
             self.publisher.warm_up()
         except Exception as exc:
             log.warning("intake_warm_up_failed", error_type=type(exc).__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -171,16 +172,11 @@ def _headers(ctx: RemediationContext, params: HttpRequestParams) -> dict[str, st
 _clients: dict[tuple[int, int], httpx.Client] = {}
 
 
-_tls: ssl.SSLContext | None = None
-
-
+@functools.cache
 def _tls_context() -> ssl.SSLContext:
     """One TLS context (the CA bundle loaded, tens of milliseconds and a few MiB) for this
     process and, built before the worker forks its pool, for every child it forks."""
-    global _tls
-    if _tls is None:
-        _tls = httpx.create_ssl_context()
-    return _tls
+    return httpx.create_ssl_context()
 
 
 def warm_up() -> None:

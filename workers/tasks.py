@@ -12,7 +12,7 @@ from sqlalchemy.orm import configure_mappers
 from remediations import http
 from workers import planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
-from workers.ledger.db import configure, db_now, is_transient_ledger_error, transaction
+from workers.ledger.db import configure, connect, is_transient_ledger_error
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import ledger_policy
 from workers.settings import get_settings
@@ -81,8 +81,7 @@ def _warm_up(**_: Any) -> None:
     settings = get_settings()
     try:
         _config()
-        with transaction(settings.database_url) as session:
-            db_now(session)
+        connect(settings.database_url)
         http.warm_up()
         _publisher().warm_up()
     except Exception as exc:

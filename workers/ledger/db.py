@@ -205,6 +205,13 @@ def db_now(session: Session) -> datetime:
     return utcnow()
 
 
+def connect(url: str) -> None:
+    """Open this process's pooled connection to the ledger now (start-up, not the first
+    request's time); a read, so it takes no write lock. Raises if the ledger is unreachable."""
+    with get_engine(url).connect() as connection:
+        connection.exec_driver_sql("SELECT 1")
+
+
 def dispose_all() -> None:
     """Close this process's pooled connections (tests, shutdown)."""
     pid = os.getpid()
