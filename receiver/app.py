@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from receiver import deps, errors, intake
-from receiver.routes import alertmanager, ops, runs
+from receiver.routes import alertmanager, ops, pause, runs
 from workers.publishing import Publisher
 from workers.settings import Settings, get_settings
 
@@ -37,6 +37,7 @@ def create_app(
     app.include_router(ops.router)
     app.include_router(alertmanager.router)
     app.include_router(runs.router)
+    app.include_router(pause.router)
     return app
 
 

@@ -1,33 +1,43 @@
 """The one way in: every trigger turns a ``RunRequest`` into a recorded run with its decision.
 
 Alerts use it now (``workers.planner``); manual runs, schedules and runbook steps call the same
-``admit``, so every guard is written once, here, and applied in one documented order:
+``admit``, so every guard is written once, here (``decide``), and applied in one documented
+order. The first guard that holds decides; each outcome is a run row with its reason:
 
 1. ``invalid``: the request could not be planned (render, validation, preflight): ``failed``
    with the error, nothing runs.
-2. ``resolved``: an alert run whose episode already has a resolved event recorded (both
-   arrived while the broker was down, or out of order): ``skipped``.
-3. ``dry_run``: ``skipped`` with the params, target and preflight it would have run with.
-4. otherwise ``queued``.
+2. ``paused``: the global pause switch is on (``POST /api/v1/pause``): ``skipped``.
+3. ``disabled``: the rule says ``enabled: false``: ``skipped``.
+4. ``resolved``: an alert run whose episode already has a resolved event recorded (both
+   arrived while the broker was down, or out of order): ``skipped``; ``cancelled`` when the
+   run had been waiting.
+5. ``grace``: the rule has ``for:`` and the period has not passed: ``waiting`` until
+   ``not_before``; the dispatcher (``workers.dispatcher``) decides again then, from guard 2 on.
+6. ``dry_run``: ``skipped`` with the params, target and preflight it would have run with.
+7. otherwise ``queued``.
 
-Later guards (paused, grace, cooldown, budget, breaker_open, locked) slot in between 2 and 3.
-Action is at most once per dedupe key (``RunRequest.dedupe_key``): a second admission of the
-same key returns the run already recorded and creates nothing.
+Guards 2-4 are checked again when a run is claimed: a run queued before a pause began, or
+before its alert resolved, does not start. Action is at most once per dedupe key
+(``RunRequest.dedupe_key``): a second admission of the same key returns the run already
+recorded and creates nothing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from workers import telemetry
 from workers.ledger import repository
 from workers.ledger.models import utcnow
-from workers.ledger.states import RunStatus
+from workers.ledger.states import FINISHED, RunStatus
 
-Trigger = Literal["alert", "manual", "schedule", "step"]
+# "resolved": a rule's ``on_resolved`` action, caused by the alert's resolved event.
+Trigger = Literal["alert", "resolved", "manual", "schedule", "step"]
 Mode = Literal["enforce", "dry_run"]
 
 
@@ -44,9 +54,12 @@ class RunRequest:
     destructive: bool = True
     timeout_s: float = 0.0
     preflight: dict[str, Any] = field(default_factory=dict)
+    # The rule's guards: ``enabled: false``, and ``for:`` (seconds to wait while still firing).
+    enabled: bool = True
+    grace_s: float = 0.0
     # Set when planning failed: the run is recorded failed with it.
     error: str | None = None
-    # alert trigger: the event and its episode
+    # alert and resolved triggers: the event and its episode
     event_id: str | None = None
     fingerprint: str | None = None
     starts_at: str | None = None
@@ -58,8 +71,8 @@ class RunRequest:
 
     def dedupe_key(self) -> str:
         """The key that makes this action at most once, whatever the trigger."""
-        if self.trigger == "alert":
-            return f"alert:{self.fingerprint}:{self.starts_at}:{self.rule}"
+        if self.trigger in ("alert", "resolved"):
+            return f"{self.trigger}:{self.fingerprint}:{self.starts_at}:{self.rule}"
         if self.trigger == "step":
             return f"step:{self.parent_run_id}:{self.step}"
         if self.idempotency_key is None:
@@ -79,13 +92,30 @@ class Admission:
 
 
 def decide(
-    *, trigger: Trigger, mode: Mode, error: str | None, episode_resolved: bool
+    *,
+    trigger: Trigger,
+    mode: Mode,
+    error: str | None = None,
+    paused: bool = False,
+    enabled: bool = True,
+    episode_resolved: bool = False,
+    grace_s: float = 0.0,
+    due: bool = False,
 ) -> tuple[RunStatus, str | None]:
-    """The guards, in order: the status a request is admitted in and the reason."""
+    """The guards, in order: the status a request is admitted (or released) in, and the reason.
+
+    ``due``: the grace period has passed (the dispatcher releasing a waiting run).
+    """
     if error is not None:
         return RunStatus.FAILED, "invalid"
+    if paused:
+        return RunStatus.SKIPPED, "paused"
+    if not enabled:
+        return RunStatus.SKIPPED, "disabled"
     if trigger == "alert" and episode_resolved:
-        return RunStatus.SKIPPED, "resolved"
+        return (RunStatus.CANCELLED if due else RunStatus.SKIPPED), "resolved"
+    if grace_s > 0 and not due:
+        return RunStatus.WAITING, "grace"
     if mode == "dry_run":
         return RunStatus.SKIPPED, "dry_run"
     return RunStatus.QUEUED, None
@@ -97,7 +127,10 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
     ``published``: the caller publishes the queued runs right after the commit, so they are
     recorded as published once (``publishing.publish_runs(marked=True)`` undoes a failure).
     """
+    if not requests:
+        return []
     now = utcnow()
+    paused = repository.current_pause(session).paused
     episodes = {(r.fingerprint or "", r.starts_at or "") for r in requests if r.trigger == "alert"}
     resolved = repository.resolved_episodes(session, episodes) if episodes else set()
     rows: list[dict[str, Any]] = []
@@ -107,7 +140,10 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
             trigger=request.trigger,
             mode=request.mode,
             error=request.error,
+            paused=paused,
+            enabled=request.enabled,
             episode_resolved=(request.fingerprint or "", request.starts_at or "") in resolved,
+            grace_s=request.grace_s,
         )
         decisions.append((status, reason))
         rows.append(
@@ -132,7 +168,10 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
                 "status": status.value,
                 "skip_reason": reason if status == RunStatus.SKIPPED else None,
                 "error": request.error,
-                "finished_at": None if status == RunStatus.QUEUED else now,
+                "not_before": now + timedelta(seconds=request.grace_s)
+                if status == RunStatus.WAITING
+                else None,
+                "finished_at": now if status in FINISHED else None,
                 "enqueued_at": now if published and status == RunStatus.QUEUED else None,
                 "publishes": 1 if published and status == RunStatus.QUEUED else 0,
             }
@@ -144,6 +183,7 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
     admissions: list[Admission] = []
     for request, row, (status, reason) in zip(requests, rows, decisions, strict=True):
         if row["id"] in inserted:
+            telemetry.count_decision(status, reason)
             admissions.append(Admission(row["id"], status, reason, True, request.timeout_s))
             continue
         run = existing.get(row["dedupe_key"])

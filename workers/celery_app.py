@@ -6,6 +6,7 @@ from celery import Celery
 
 from workers.settings import Settings
 from workers.tasknames import (
+    DISPATCH,
     HANDLE_ALERT,
     QUEUE_ALERTS,
     QUEUE_MAINTENANCE,
@@ -60,6 +61,7 @@ def create_celery_app(settings: Settings) -> Celery:
             HANDLE_ALERT: {"queue": QUEUE_ALERTS},
             RUN_REMEDIATION: {"queue": QUEUE_REMEDIATIONS},
             RECONCILE: {"queue": QUEUE_MAINTENANCE},
+            DISPATCH: {"queue": QUEUE_MAINTENANCE},
         },
         task_default_queue=QUEUE_ALERTS,
         worker_hijack_root_logger=False,  # structlog owns logging (workers.telemetry)

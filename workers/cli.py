@@ -209,7 +209,10 @@ def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
     report: list[dict[str, Any]] = []
     for alert in _alerts_of(alert_path):
         rules = loaded.matching_rules(alert.labels)
-        plans = [] if alert.status == "resolved" else [plan_rule(rule, alert, loaded) for rule in rules]
+        if alert.status == "resolved":
+            plans = [plan_rule(rule, alert, loaded, trigger="resolved") for rule in rules if rule.on_resolved]
+        else:
+            plans = [plan_rule(rule, alert, loaded) for rule in rules]
         report.append(
             {
                 "fingerprint": alert.fingerprint,
@@ -228,11 +231,17 @@ def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
         if not entry["matched_rules"]:
             click.echo("  no rule matches")
         elif entry["status"] == "resolved":
-            click.echo(f"  resolved: matches {', '.join(entry['matched_rules'])}; nothing would run")
+            click.echo(
+                f"  resolved: matches {', '.join(entry['matched_rules'])}; their pending runs would be "
+                "cancelled" + ("; on_resolved:" if entry["plans"] else "")
+            )
         for plan in entry["plans"]:
+            guard = plan["skip_reason"] or (
+                f"grace: {plan['grace_s']:g}s" if plan["status"] == "waiting" else ""
+            )
             click.echo(
                 f"  rule {plan['rule']} -> {plan['remediation']} [{plan['mode']}]: would be {plan['status']}"
-                + (f" ({plan['skip_reason']})" if plan["skip_reason"] else "")
+                + (f" ({guard})" if guard else "")
             )
             if plan["error"]:
                 click.echo(f"    error: {plan['error']}")
@@ -240,6 +249,90 @@ def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
                 click.echo(f"    params: {json.dumps(plan['params'], sort_keys=True)}")
                 if plan["preflight"]:
                     click.echo(f"    checked: {json.dumps(plan['preflight'], sort_keys=True)}")
+
+
+# The operator API's URL; its token comes from RESPONDER_API_TOKEN, never an argument (ps shows those).
+_api_url = click.option(
+    "--url",
+    envvar="RESPONDER_API_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The receiver's base URL (RESPONDER_API_URL).",
+)
+
+
+def _api(method: str, url: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Call the operator API with RESPONDER_API_TOKEN; exit 1 with the API's message on error."""
+    import os
+
+    import httpx
+
+    token = os.environ.get("RESPONDER_API_TOKEN", "")
+    if not token:
+        raise click.UsageError("RESPONDER_API_TOKEN must hold an operator token")
+    try:
+        response = httpx.request(
+            method,
+            url.rstrip("/") + path,
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"{url}: {exc}") from exc
+    try:
+        data: dict[str, Any] = response.json()
+    except ValueError:
+        data = {"message": response.text[:500]}
+    if response.status_code >= 400:
+        raise click.ClickException(
+            f"{response.status_code} {data.get('error', '')}: {data.get('message', data)}"
+        )
+    return data
+
+
+def _default_actor() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _show_pause(state: dict[str, Any]) -> None:
+    if state["paused"]:
+        click.echo(f"PAUSED since {state['since']} by {state['by']}: {state['reason']}")
+    elif state["since"]:
+        click.echo(f"running (resumed {state['since']} by {state['by']}: {state['reason']})")
+    else:
+        click.echo("running (never paused)")
+
+
+@main.command("pause")
+@_api_url
+@click.option("--reason", help="Why (recorded with the pause).")
+@click.option("--by", "actor", default=_default_actor, help="Who pauses  [default: user@host]")
+@click.option("--show", is_flag=True, help="Only show whether the responder is paused.")
+def pause_command(url: str, reason: str | None, actor: str, show: bool) -> None:
+    """Pause the responder: alerts are recorded, every new run is skipped (reason paused)."""
+    if show:
+        _show_pause(_api("GET", url, "/api/v1/pause"))
+        return
+    if not reason:
+        raise click.UsageError("--reason is required (it is recorded for the next person on call)")
+    _show_pause(_api("POST", url, "/api/v1/pause", {"by": actor, "reason": reason}))
+
+
+@main.command("resume")
+@_api_url
+@click.option("--reason", required=True, help="Why (recorded with the resume).")
+@click.option("--by", "actor", default=_default_actor, help="Who resumes  [default: user@host]")
+def resume_command(url: str, reason: str, actor: str) -> None:
+    """Resume the responder; what was skipped while paused is not replayed."""
+    _show_pause(_api("POST", url, "/api/v1/resume", {"by": actor, "reason": reason}))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from remediations import (
     get_remediation,
     registered,
 )
+from remediations.base import Duration
 from remediations.commands import is_template
 from workers.matching import Matcher, MatcherError, matches, parse_matcher
 from workers.templating import RenderError, check_syntax
@@ -35,10 +36,29 @@ class ConfigError(ResponderError):
         self.problems = list(problems)
 
 
-class Rule(BaseModel):
-    """Which alerts (``match``) get which remediation, with which params, in which mode."""
+# A grace period is kept in the ledger (a waiting run), so it may be long; a day bounds typos.
+MAX_GRACE_S = 86400.0
+
+
+class OnResolved(BaseModel):
+    """What a rule runs when its alert resolves (a resolved event never runs the firing one)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    remediation: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    target: str | None = Field(default=None, min_length=1, max_length=500)
+
+
+class Rule(BaseModel):
+    """Which alerts (``match``) get which remediation, with which params, in which mode.
+
+    The guards a rule configures (``workers.admission``): ``enabled: false`` records every
+    matching alert as skipped (``disabled``); ``for: 2m`` waits in the ledger and acts only if
+    the alert is still firing after it; ``on_resolved`` runs when the alert resolves.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
     match: list[str] = Field(min_length=1)
@@ -48,6 +68,10 @@ class Rule(BaseModel):
     # What the run acts on, overriding the remediation's declaration: a template over the
     # alert (``labels``, ``annotations``, ``alert``) and ``params``, e.g. "{{ labels.instance }}".
     target: str | None = Field(default=None, min_length=1, max_length=500)
+    enabled: bool = True
+    # ``for`` in the file (a Python keyword here): the grace period, in seconds.
+    grace_s: Duration | None = Field(default=None, alias="for", le=MAX_GRACE_S)
+    on_resolved: OnResolved | None = None
     _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")
@@ -102,6 +126,11 @@ class ResponderConfig(BaseModel):
         """The rule called ``name``, if any."""
         return next((rule for rule in self.rules if rule.name == name), None)
 
+    @property
+    def disabled_rules(self) -> frozenset[str]:
+        """Names of the rules with ``enabled: false``."""
+        return frozenset(rule.name for rule in self.rules if not rule.enabled)
+
 
 def _location(loc: Sequence[int | str], raw: Any) -> str:
     """``('rules', 0, 'params')`` -> ``rules[0] (probe-http).params``."""
@@ -146,21 +175,36 @@ def _static_problems(config: ResponderConfig) -> list[str]:
         except RenderError as exc:
             problems.append(str(exc))
             continue
-        problems.extend(_params_problems(config, rule, where))
+        problems.extend(_params_problems(config, rule.remediation, rule.params, where))
+        if rule.on_resolved is not None:
+            problems.extend(_action_problems(config, rule.on_resolved, f"{where}.on_resolved"))
     return problems
 
 
-def _params_problems(config: ResponderConfig, rule: Rule, where: str) -> list[str]:
-    definition = get_remediation(rule.remediation)
+def _action_problems(config: ResponderConfig, action: OnResolved, where: str) -> list[str]:
+    if action.remediation not in registered():
+        known = ", ".join(sorted(registered()))
+        return [f"{where}.remediation: unknown remediation {action.remediation!r} (known: {known})"]
+    try:
+        check_syntax(action.params, f"{where}.params")
+        if action.target is not None:
+            check_syntax(action.target, f"{where}.target")
+    except RenderError as exc:
+        return [str(exc)]
+    return _params_problems(config, action.remediation, action.params, where)
+
+
+def _params_problems(config: ResponderConfig, remediation: str, raw: dict[str, Any], where: str) -> list[str]:
+    definition = get_remediation(remediation)
     fields = definition.params_model.model_fields
     known = set(fields) | {f.alias for f in fields.values() if f.alias}
-    unknown = sorted(set(rule.params) - known)
+    unknown = sorted(set(raw) - known)
     if unknown:
-        return [f"{where}.params.{key}: unknown param for {rule.remediation}" for key in unknown]
-    if any(isinstance(v, str) and is_template(v) for v in _strings(rule.params)):
+        return [f"{where}.params.{key}: unknown param for {remediation}" for key in unknown]
+    if any(isinstance(v, str) and is_template(v) for v in _strings(raw)):
         return []  # needs alert data: checked fully by `config test` and at plan time
     try:
-        params = definition.validate(rule.params)
+        params = definition.validate(raw)
         # Arguments of commands take alert data; a placeholder stands in for it here.
         definition.preflight(config.context(render=lambda _: "placeholder"), params)
     except ValidationError as exc:

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
 from workers import telemetry
-from workers.admission import Mode, RunRequest, admit, decide
+from workers.admission import Mode, RunRequest, Trigger, admit, decide
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
 from workers.ledger import repository
@@ -40,12 +40,16 @@ class Plan:
     """What one rule would do for one alert: params as they would run, or why not.
 
     Its ``status`` is the admission guards' verdict (``workers.admission.decide``) for a firing
-    alert whose episode has not resolved: what ``config test`` shows and ``admit`` records.
+    alert whose episode has not resolved, with the responder not paused: what ``config test``
+    shows and ``admit`` records. ``trigger`` is ``resolved`` for a rule's ``on_resolved`` action.
     """
 
     rule: str
     remediation: str
     mode: Mode
+    trigger: Trigger = "alert"
+    enabled: bool = True
+    grace_s: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
     preflight: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 0.0
@@ -56,11 +60,17 @@ class Plan:
     @property
     def verdict(self) -> tuple[RunStatus, str | None]:
         """(status, reason) the guards give this plan."""
-        return decide(trigger="alert", mode=self.mode, error=self.error, episode_resolved=False)
+        return decide(
+            trigger=self.trigger,
+            mode=self.mode,
+            error=self.error,
+            enabled=self.enabled,
+            grace_s=0.0 if self.trigger == "resolved" else self.grace_s,
+        )
 
     @property
     def status(self) -> RunStatus:
-        """``queued``, ``failed`` (invalid) or ``skipped`` (dry run)."""
+        """``queued``, ``waiting`` (grace), ``failed`` (invalid) or ``skipped``."""
         return self.verdict[0]
 
     @property
@@ -111,16 +121,25 @@ def _plan(
     )
 
 
-def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig) -> Plan:
+def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig, *, trigger: Trigger = "alert") -> Plan:
     """Render, validate and preflight one rule's params for one alert (no side effects).
 
+    ``trigger="resolved"`` plans the rule's ``on_resolved`` action instead of its remediation.
     Never raises: any failure, expected or not, is this rule's ``failed`` plan with the error.
     """
+    if trigger == "resolved" and rule.on_resolved is not None:
+        action = rule.on_resolved
+        rule = rule.model_copy(
+            update={"remediation": action.remediation, "params": action.params, "target": action.target}
+        )
     definition = get_remediation(rule.remediation)
     base: dict[str, Any] = {
         "rule": rule.name,
         "remediation": rule.remediation,
         "mode": rule.mode,
+        "trigger": trigger,
+        "enabled": rule.enabled,
+        "grace_s": rule.grace_s or 0.0,
         "destructive": definition.destructive,
     }
     try:
@@ -142,11 +161,13 @@ def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig) -> Plan:
 def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
     """The admission request of one rule's plan for one alert event."""
     return RunRequest(
-        trigger="alert",
+        trigger=plan.trigger,
         remediation=plan.remediation,
         params=plan.params,
         rule=plan.rule,
         mode=plan.mode,
+        enabled=plan.enabled,
+        grace_s=plan.grace_s if plan.trigger == "alert" else 0.0,
         target=plan.target,
         destructive=plan.destructive,
         timeout_s=plan.timeout_s,
@@ -253,7 +274,8 @@ def handle_events(
 
 @dataclass(frozen=True)
 class _EventPlan:
-    """One event and the plans of its matching rules (none for a resolved event)."""
+    """One event and the plans of its matching rules (for a resolved event, their
+    ``on_resolved`` actions)."""
 
     event: AlertEvent
     matched: int
@@ -265,17 +287,27 @@ def _plan_event(event: AlertEvent, config: ResponderConfig) -> _EventPlan:
     alert = event_alert(event)
     rules = config.matching_rules(alert.labels)
     if alert.status == "resolved":
-        # A resolved event never runs a firing rule's remediation; its episode's queued
-        # runs are not started (checked when each is claimed).
+        # A resolved event never runs a firing rule's remediation: its episode's pending runs
+        # are cancelled when it is admitted (``_admit``), and the rules' on_resolved run.
         log.info("resolved_event_handled", event_id=event.id, matched_rules=len(rules))
-        return _EventPlan(event, len(rules), [])
+        actions = [plan_rule(rule, alert, config, trigger="resolved") for rule in rules if rule.on_resolved]
+        return _EventPlan(event, len(rules), actions)
     if not rules:
         log.info("no_rule_matched", event_id=event.id, fingerprint=event.fingerprint)
     return _EventPlan(event, len(rules), [plan_rule(rule, alert, config) for rule in rules])
 
 
 def _admit(session: Session, planned: Sequence[_EventPlan]) -> list[tuple[str, float]]:
-    """Admit every plan and mark the events handled; returns (run id, timeout) of queued runs."""
+    """Cancel the pending runs of resolved episodes, admit every plan and mark the events
+    handled; returns (run id, timeout) of the queued runs."""
+    resolved = [
+        (one.event.fingerprint, one.event.starts_at) for one in planned if one.event.status == "resolved"
+    ]
+    if resolved:
+        cancelled = repository.cancel_pending_episode_runs(session, resolved)
+        for run_id in cancelled:
+            telemetry.count_decision("cancelled", "resolved")
+            log.info("run_cancelled", run_id=run_id, reason="resolved")
     requests = [(one, plan) for one in planned for plan in one.plans]
     admissions = admit(session, [request_for(plan, one.event) for one, plan in requests], published=True)
     repository.mark_events_handled(session, {one.event.id: one.matched for one in planned})
@@ -291,6 +323,7 @@ def _admit(session: Session, planned: Sequence[_EventPlan]) -> list[tuple[str, f
             run_id=admission.run_id,
             rule=plan.rule,
             remediation=plan.remediation,
+            trigger=plan.trigger,
             target=plan.target,
             status=admission.status.value,
             reason=admission.reason,

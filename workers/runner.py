@@ -134,8 +134,11 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
             worker=worker_name(),
             max_attempts=settings.max_attempts,
             lease_s=settings.lease_s,
+            disabled_rules=config.disabled_rules,
         )
     run = claim.run
+    if claim.kind in ("paused", "disabled", "resolved"):
+        telemetry.count_decision("skipped", claim.kind)
     if claim.kind != "run" or run is None or claim.attempt_id is None:
         log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
         return Execution("failed" if claim.kind == "exhausted" else "skipped")

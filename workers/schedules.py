@@ -19,7 +19,7 @@ from redis.exceptions import LockError
 
 from workers import telemetry
 from workers.settings import Settings
-from workers.tasknames import QUEUE_MAINTENANCE, RECONCILE
+from workers.tasknames import DISPATCH, QUEUE_MAINTENANCE, RECONCILE
 
 log = telemetry.get_logger(__name__)
 OUTAGE_TICK_S = 2.0
@@ -27,14 +27,20 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Periodic jobs: the reconciler, every ``reconcile_interval_s``."""
+    """Periodic jobs: the reconciler every ``reconcile_interval_s``, the dispatcher of waiting
+    runs every ``dispatch_interval_s``."""
     return {
         "reconcile": {
             "task": RECONCILE,
             "schedule": settings.reconcile_interval_s,
             # A reconcile that waited longer than its interval is superseded by the next one.
             "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.reconcile_interval_s * 3},
-        }
+        },
+        "dispatch": {
+            "task": DISPATCH,
+            "schedule": settings.dispatch_interval_s,
+            "options": {"queue": QUEUE_MAINTENANCE, "expires": settings.dispatch_interval_s * 3},
+        },
     }
 
 

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=10.0, gt=0)
     reconcile_after_s: float = Field(default=30.0, ge=0)
     redeliver_after_s: float = Field(default=60.0, gt=0)
+    # Dispatcher (beat): how often waiting runs whose grace period has passed are released.
+    dispatch_interval_s: float = Field(default=1.0, gt=0)
     # Starts of handle_alert (or publishes of a never-claimed run) before giving up on it:
     # a poison message ends recorded with its error, never in a silent loop.
     max_deliveries: int = Field(default=5, ge=1)

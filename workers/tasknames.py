@@ -3,6 +3,7 @@
 HANDLE_ALERT = "responder.handle_alert"
 RUN_REMEDIATION = "responder.run_remediation"
 RECONCILE = "responder.reconcile"
+DISPATCH = "responder.dispatch"
 
 QUEUE_ALERTS = "alerts"
 QUEUE_REMEDIATIONS = "remediations"

@@ -10,13 +10,13 @@ from celery import Task, current_app, shared_task, signals
 from sqlalchemy.orm import configure_mappers
 
 from remediations import http
-from workers import planner, reconciler, runner, telemetry
+from workers import dispatcher, planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
 from workers.ledger.db import configure, connect, is_transient_ledger_error
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import ledger_policy
 from workers.settings import get_settings
-from workers.tasknames import HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
+from workers.tasknames import DISPATCH, HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
 
 log = telemetry.get_logger(__name__)
 
@@ -157,3 +157,12 @@ def reconcile() -> dict[str, int]:
         client.close()
     log.info("reconcile_pass", events=done.events, runs=done.runs, given_up=done.given_up)
     return {"events": done.events, "runs": done.runs, "given_up": done.given_up}
+
+
+@shared_task(name=DISPATCH, ignore_result=True)
+def dispatch() -> dict[str, int]:
+    """Release the waiting runs whose grace period has passed (a failed pass: the next one)."""
+    done = dispatcher.release_due(settings=get_settings(), config=_config(), publisher=_publisher())
+    if done.queued or done.refused:
+        log.info("dispatch_pass", queued=done.queued, refused=done.refused)
+    return {"queued": done.queued, "refused": done.refused}

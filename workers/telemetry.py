@@ -133,3 +133,14 @@ PUBLISH_FAILURES = Counter(
     "Task messages the broker did not take; the reconciler sends them later.",
     ["task"],
 )
+DECISIONS = Counter(
+    "responder_decisions_total",
+    "Guard decisions on runs, by decision: the guard that held (invalid, paused, disabled, "
+    "resolved, grace, dry_run) or queued when none did.",
+    ["decision"],
+)
+
+
+def count_decision(status: str, reason: str | None) -> None:
+    """Count one guard decision: its reason, or the status when no guard held (``queued``)."""
+    DECISIONS.labels(decision=reason or status).inc()

@@ -49,8 +49,11 @@ class RunOut(BaseModel):
     preflight: Redacted
     mode: str
     status: str
+    # Why the run was skipped or cancelled: the guard that refused it.
     skip_reason: str | None
     error: str | None
+    # A waiting run's due time (its rule's grace period).
+    not_before: datetime | None
     fingerprint: str | None
     starts_at: str | None
     event_id: str | None

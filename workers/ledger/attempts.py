@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from workers.ledger.db import db_now
 from workers.ledger.models import ATTEMPTS, EVENTS, RUNS, utcnow
+from workers.ledger.repository import LATEST_PAUSE
 from workers.ledger.states import FINISHED, AttemptOutcome, RunStatus, sources
 
 # A run's claim and close are the worker's hot path: Core statements built once (their SET
@@ -39,6 +40,7 @@ _RUN_TO_CLAIM = (
             EVENTS.c.status == "resolved",
         )
         .label("resolved"),
+        LATEST_PAUSE.scalar_subquery().label("paused"),
     )
     .where(RUNS.c.id == bindparam("run_key"))
     .with_for_update(of=RUNS)
@@ -135,7 +137,7 @@ def renew_lease(session: Session, attempt_id: int, *, now: datetime, lease_s: fl
     )
 
 
-ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted", "resolved"]
+ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted", "resolved", "paused", "disabled"]
 
 
 @dataclass(frozen=True)
@@ -172,13 +174,16 @@ def claim_run(
     worker: str,
     max_attempts: int,
     lease_s: float,
+    disabled_rules: frozenset[str] = frozenset(),
 ) -> Claim:
     """Open the next attempt of a run, or say why not; one attempt at a time per run.
 
     An open attempt left by this same message (the worker died and the broker redelivered it),
     or one whose lease expired, is closed as ``abandoned``. An open attempt of another message
     within its lease is still running somewhere: this delivery is ``busy`` and does nothing.
-    An alert run whose episode has resolved meanwhile is not started. Every status change is
+    The admission guards that can change while a run is queued are checked again (in their
+    order): a pause that began, a rule since disabled, an episode that resolved meanwhile: the
+    run is not started (``skipped``, or ``cancelled`` after an earlier attempt). Every status change is
     a compare-and-set (the run's row is also locked on PostgreSQL); the lease is set on the
     ledger's clock.
     """
@@ -204,10 +209,17 @@ def claim_run(
                 claim.abandoned.append(attempt.number)
         else:
             return Claim("busy")
-    if run.trigger == "alert" and run.fingerprint and run.starts_at and run.resolved:
+    refused: ClaimKind | None = None
+    if run.paused:
+        refused = "paused"
+    elif run.rule is not None and run.rule in disabled_rules:
+        refused = "disabled"
+    elif run.trigger == "alert" and run.fingerprint and run.starts_at and run.resolved:
+        refused = "resolved"
+    if refused is not None:
         to = RunStatus.CANCELLED if tried else RunStatus.SKIPPED
-        transition_run(session, run_id, to, expect=[RunStatus.QUEUED], skip_reason="resolved")
-        return Claim("resolved")
+        transition_run(session, run_id, to, expect=[RunStatus.QUEUED], skip_reason=refused)
+        return Claim(refused)
     if len(tried) >= max_attempts:
         last = tried[-1].error if tried else None
         transition_run(

@@ -193,6 +193,13 @@ def transaction(url: str) -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def reading(url: str) -> Iterator[Session]:
+    """A session for reads only: no writer lock taken, rolled back at the end."""
+    with get_sessionmaker(url)() as session:
+        yield session
+
+
 def db_now(session: Session) -> datetime:
     """The ledger's clock: deadlines and leases are judged on it, never a worker's own clock.
 

@@ -1,4 +1,4 @@
-"""The ledger's tables: alert events, runs and attempts (what must not be lost)."""
+"""The ledger's tables: alert events, runs, attempts and pauses (what must not be lost)."""
 
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ class Run(Base):
         Index("ix_runs_created_at", "created_at"),
         Index("ix_runs_status", "status"),
         Index("ix_runs_episode", "fingerprint", "starts_at"),
+        Index("ix_runs_waiting", "status", "not_before"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -123,8 +124,11 @@ class Run(Base):
     parent_run_id: Mapped[str | None] = mapped_column(ForeignKey("runs.id"))
     step: Mapped[str | None] = mapped_column(String(200))
     status: Mapped[str] = mapped_column(String(16))
+    # Why a run was skipped or cancelled: the guard that refused it (workers.admission).
     skip_reason: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
+    # A waiting run's due time (its rule's grace period): the dispatcher releases it then.
+    not_before: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # When run_remediation was last published, and how often since the last claim: a run that
@@ -164,7 +168,20 @@ class Attempt(Base):
     run: Mapped[Run] = relationship(back_populates="attempts")
 
 
+class Pause(Base):
+    """One pause or resume of the responder, with who asked and why; the latest row is in force."""
+
+    __tablename__ = "pauses"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    paused: Mapped[bool] = mapped_column(Boolean)
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # The tables, for Core statements where the ORM costs more than the statement (hot paths).
 EVENTS = cast(Table, AlertEvent.__table__)
 RUNS = cast(Table, Run.__table__)
 ATTEMPTS = cast(Table, Attempt.__table__)
+PAUSES = cast(Table, Pause.__table__)

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers.alerts import Alert
-from workers.ledger.models import EVENTS, RUNS, AlertEvent, Run, utcnow
+from workers.ledger.models import EVENTS, PAUSES, RUNS, AlertEvent, Pause, Run, utcnow
 from workers.ledger.states import RunStatus
 
 INSERT_CHUNK = 500
@@ -321,6 +321,103 @@ def runs_to_enqueue(
         for run in session.scalars(statement)
         if redelivery_due(run.enqueued_at, run.publishes, now=now, after_s=redeliver_after_s)
     ]
+
+
+@dataclass(frozen=True)
+class PauseState:
+    """Whether the responder is paused, since when, by whom and why (None: never paused)."""
+
+    paused: bool
+    actor: str | None = None
+    reason: str | None = None
+    at: datetime | None = None
+
+
+# The pause in force is the latest row: one indexed lookup, also used inside the claim.
+LATEST_PAUSE = select(PAUSES.c.paused).order_by(PAUSES.c.id.desc()).limit(1)
+
+
+def current_pause(session: Session) -> PauseState:
+    """The pause switch as the latest pause or resume left it."""
+    row = session.scalars(select(Pause).order_by(Pause.id.desc()).limit(1)).first()
+    if row is None:
+        return PauseState(paused=False)
+    return PauseState(paused=row.paused, actor=row.actor, reason=row.reason, at=row.at)
+
+
+def set_pause(session: Session, *, paused: bool, actor: str, reason: str) -> PauseState:
+    """Pause or resume, recording who and why (the history is kept)."""
+    row = Pause(paused=paused, actor=actor[:200], reason=reason, at=utcnow())
+    session.add(row)
+    session.flush()
+    return PauseState(paused=row.paused, actor=row.actor, reason=row.reason, at=row.at)
+
+
+def pause_history(session: Session, *, limit: int) -> list[PauseState]:
+    """The latest pauses and resumes, newest first."""
+    rows = session.scalars(select(Pause).order_by(Pause.id.desc()).limit(limit))
+    return [PauseState(paused=r.paused, actor=r.actor, reason=r.reason, at=r.at) for r in rows]
+
+
+def cancel_pending_episode_runs(session: Session, episodes: Iterable[tuple[str, str]]) -> list[str]:
+    """Cancel the firing runs of these resolved episodes that have not started: ``waiting``
+    (grace period) and ``queued`` (not yet claimed, or between attempts). A running attempt is
+    left to finish; its run's next attempt is not started (the claim checks). Returns the ids."""
+    wanted = list(set(episodes))
+    cancelled: list[str] = []
+    now = utcnow()
+    for start in range(0, len(wanted), INSERT_CHUNK):
+        result = session.connection().execute(
+            update(RUNS)
+            .where(
+                RUNS.c.trigger == "alert",
+                RUNS.c.status.in_([RunStatus.WAITING.value, RunStatus.QUEUED.value]),
+                tuple_(RUNS.c.fingerprint, RUNS.c.starts_at).in_(wanted[start : start + INSERT_CHUNK]),
+            )
+            .values(
+                status=RunStatus.CANCELLED.value,
+                skip_reason="resolved",
+                updated_at=now,
+                finished_at=now,
+            )
+            .returning(RUNS.c.id)
+        )
+        cancelled.extend(result.scalars())
+    return cancelled
+
+
+@dataclass(frozen=True)
+class DueRun:
+    """A waiting run whose grace period has passed, with what the guards need to decide again."""
+
+    id: str
+    rule: str | None
+    mode: str
+    trigger: str
+    timeout_s: float
+    resolved: bool
+
+
+def due_waiting_runs(session: Session, *, now: datetime, limit: int) -> list[DueRun]:
+    """Waiting runs whose ``not_before`` has passed, oldest due first."""
+    resolved = (
+        select(EVENTS.c.id)
+        .where(
+            EVENTS.c.fingerprint == RUNS.c.fingerprint,
+            EVENTS.c.starts_at == RUNS.c.starts_at,
+            EVENTS.c.status == "resolved",
+        )
+        .exists()
+    )
+    rows = session.connection().execute(
+        select(
+            RUNS.c.id, RUNS.c.rule, RUNS.c.mode, RUNS.c.trigger, RUNS.c.timeout_s, resolved.label("resolved")
+        )
+        .where(RUNS.c.status == RunStatus.WAITING.value, RUNS.c.not_before <= now)
+        .order_by(RUNS.c.not_before)
+        .limit(limit)
+    )
+    return [DueRun(r.id, r.rule, r.mode, r.trigger, r.timeout_s, bool(r.resolved)) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,22 @@ other: the second one finds the row already moved and backs off.
 
 Runs::
 
-    (admission) -> queued | failed | skipped
+    (admission) -> waiting | queued | failed | skipped
+    waiting  -> queued      its grace period passed and the later guards let it go (dispatcher)
+    waiting  -> skipped     a later guard refused it when it fell due (paused, dry run)
+    waiting  -> cancelled   its alert resolved during the grace period, or an operator
     queued   -> running     an attempt claimed it
     queued   -> failed      never started after the maximum deliveries, or attempts exhausted
-    queued   -> skipped     its alert resolved before it started
-    queued   -> cancelled   an operator, or its alert resolved after an earlier attempt
+    queued   -> skipped     its alert resolved, or the responder was paused, before it started
+    queued   -> cancelled   an operator, or its alert resolved (or a pause began) after an
+                            earlier attempt
     running  -> succeeded | failed
     running  -> queued      a retry follows, or the attempt was abandoned (lease expired)
     running  -> cancelled   an operator
     succeeded, failed, skipped, cancelled: final
 
-``waiting`` (grace periods, approvals) is reserved: it will sit between admission and
-``queued`` and is not used yet.
+``waiting`` holds a run until ``runs.not_before`` (a rule's grace period, ``for:``) in the
+ledger, not in a delayed broker message: the dispatcher (``workers.dispatcher``) releases it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from enum import StrEnum
 class RunStatus(StrEnum):
     """Where a run is in its life."""
 
+    WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -47,9 +52,12 @@ class AttemptOutcome(StrEnum):
 
 
 # The statuses a run may be created in by admission.
-INITIAL: frozenset[RunStatus] = frozenset({RunStatus.QUEUED, RunStatus.FAILED, RunStatus.SKIPPED})
+INITIAL: frozenset[RunStatus] = frozenset(
+    {RunStatus.WAITING, RunStatus.QUEUED, RunStatus.FAILED, RunStatus.SKIPPED}
+)
 
 RUN_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.WAITING: frozenset({RunStatus.QUEUED, RunStatus.SKIPPED, RunStatus.CANCELLED}),
     RunStatus.QUEUED: frozenset(
         {RunStatus.RUNNING, RunStatus.FAILED, RunStatus.SKIPPED, RunStatus.CANCELLED}
     ),
@@ -72,7 +80,7 @@ ATTEMPT_TRANSITIONS: dict[AttemptOutcome, frozenset[AttemptOutcome]] = {
 }
 
 FINISHED: frozenset[RunStatus] = frozenset(s for s, nexts in RUN_TRANSITIONS.items() if not nexts)
-PENDING: frozenset[RunStatus] = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
+PENDING: frozenset[RunStatus] = frozenset({RunStatus.WAITING, RunStatus.QUEUED, RunStatus.RUNNING})
 
 
 def sources(target: RunStatus) -> frozenset[RunStatus]:

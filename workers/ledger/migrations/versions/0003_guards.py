@@ -1,0 +1,41 @@
+"""Guards: waiting runs with a due time (grace periods) and the pause switch's history.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from workers.ledger.models import UTCDateTime
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    """Add ``runs.not_before`` (indexed with the status) and the ``pauses`` table."""
+    with op.batch_alter_table("runs") as batch:
+        batch.add_column(sa.Column("not_before", UTCDateTime(), nullable=True))
+        batch.create_index("ix_runs_waiting", ["status", "not_before"])
+    op.create_table(
+        "pauses",
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("paused", sa.Boolean(), nullable=False),
+        sa.Column("actor", sa.String(200), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("at", UTCDateTime(), nullable=False),
+    )
+
+
+def downgrade() -> None:
+    """Back to 0002 (the pause history is dropped; waiting runs stay in their status)."""
+    op.drop_table("pauses")
+    with op.batch_alter_table("runs") as batch:
+        batch.drop_index("ix_runs_waiting")
+        batch.drop_column("not_before")
