@@ -80,6 +80,29 @@ def test_runs_need_operator_scope(client: TestClient) -> None:
     assert client.get("/api/v1/runs").status_code == 401
 
 
+def test_pause_and_resume_record_who_and_why(client: TestClient) -> None:
+    """Operators pause and resume with who and why; the state and its history are served;
+    an ingest token may not pause, and a request without who or why is refused with the field."""
+    assert client.get("/api/v1/pause", headers=OPERATOR).json() == {
+        "paused": False,
+        "by": None,
+        "reason": None,
+        "since": None,
+        "history": [],
+    }
+    ask = {"by": "alice", "reason": "database failover in progress"}
+    assert client.post("/api/v1/pause", json=ask, headers=INGEST).status_code == 403
+    missing = client.post("/api/v1/pause", json={"by": "alice"}, headers=OPERATOR)
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "reason"]
+    paused = client.post("/api/v1/pause", json=ask, headers=OPERATOR).json()
+    assert (paused["paused"], paused["by"], paused["reason"]) == (True, "alice", ask["reason"])
+    assert client.get("/api/v1/pause", headers=OPERATOR).json()["paused"] is True
+    resumed = client.post("/api/v1/resume", json={"by": "bob", "reason": "failover done"}, headers=OPERATOR)
+    state = resumed.json()
+    assert (state["paused"], state["by"]) == (False, "bob")
+    assert [(h["paused"], h["by"]) for h in state["history"]] == [(False, "bob"), (True, "alice")]
+
+
 def test_accepts_then_reports_duplicates(client: TestClient, publisher: RecordingPublisher) -> None:
     """202 per alert: accepted the first time, duplicate after; only new events are published."""
     first = client.post("/api/v1/alertmanager", content=body("group3_firing.json"), headers=INGEST)

@@ -1,0 +1,140 @@
+"""The admission guards with real processes: grace periods in the ledger, pause and resume.
+
+Counts what the target saw: a grace period acts once on an alert still firing after it (a
+worker killed meanwhile loses nothing) and never on one that resolved; a pause records every
+alert and acts on none, and resume replays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import alert_payload
+from tests.stack import OPERATOR_TOKEN, Stack, wait_for
+
+pytestmark = [pytest.mark.redis]
+
+
+def grace_stack(stack_factory: type[Stack], ledger_url: str, tmp_path: Path) -> Stack:
+    hook = "http://127.0.0.1:{port}/{path}/{{{{ labels.instance }}}}"
+    return stack_factory(
+        tmp=tmp_path,
+        database_url=ledger_url,
+        extra_rules=[
+            {
+                "name": "graceful",
+                "match": ['alertname="ResponderGrace"'],
+                "remediation": "http_request",
+                "for": "3s",
+                "params": {"url": hook.format(port="{{ annotations.port }}", path="grace")},
+                "on_resolved": {
+                    "remediation": "http_request",
+                    "params": {"url": hook.format(port="{{ annotations.port }}", path="resolved")},
+                },
+            }
+        ],
+        overrides={"RESPONDER_DISPATCH_INTERVAL_S": "0.5"},
+    )
+
+
+def grace_alert(stack: Stack, instance: str, status: str = "firing") -> dict[str, Any]:
+    payload = alert_payload("ResponderGrace", status=status, instance=instance)
+    payload["alerts"][0]["annotations"]["port"] = str(stack.target.port)
+    return payload
+
+
+def test_grace_period_acts_only_if_still_firing(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """for: 3s. Resolved after 1 s: nothing runs (cancelled), its on_resolved runs. Still firing:
+    it runs once, 3 s or more after it was recorded, though the worker was killed while it waited."""
+    stack = grace_stack(stack_factory, ledger_url, tmp_path)
+    stack.start_all()
+
+    def run_of(instance: str, trigger: str = "alert") -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in stack.runs(rule="graceful")
+                if r["trigger"] == trigger and instance in r["params"]["url"]
+            ),
+            None,
+        )
+
+    assert stack.post(grace_alert(stack, "brief")).status_code == 202
+    wait_for(lambda: (run_of("brief") or {}).get("status") == "waiting", timeout=20, what="a waiting run")
+    assert stack.post(grace_alert(stack, "brief", status="resolved")).status_code == 202
+    brief = stack.wait_run("cancelled", timeout=20, rule="graceful")
+    assert brief["skip_reason"] == "resolved" and brief["attempts"] == []
+    wait_for(
+        lambda: (run_of("brief", "resolved") or {}).get("status") == "succeeded",
+        timeout=20,
+        what="the on_resolved run to succeed",
+    )
+
+    assert stack.post(grace_alert(stack, "lasting")).status_code == 202
+    wait_for(lambda: (run_of("lasting") or {}).get("status") == "waiting", timeout=20, what="a waiting run")
+    worker = stack.procs.pop("worker")
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert (run_of("lasting") or {})["status"] == "waiting"
+    stack.start_worker("worker2")
+    lasting = wait_for(
+        lambda: (found := run_of("lasting")) and found["status"] == "succeeded" and found,
+        timeout=40,
+        what="the lasting alert's run to succeed",
+    )
+    started = datetime.fromisoformat(lasting["attempts"][0]["started_at"])
+    assert (started - datetime.fromisoformat(lasting["created_at"])).total_seconds() >= 3
+    assert lasting["not_before"] is not None
+    stack.wait_reconcile_passes(2, worker="worker2")
+    calls = sorted(c.path for c in stack.target.calls)
+    print(f"GRACE [{ledger_url.split(':')[0]}]: target calls {calls}")
+    assert calls == ["/grace/lasting", "/resolved/brief"]
+
+
+def responder(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``responder`` CLI against the stack's API, as an operator would run it."""
+    env = {**stack.env, "RESPONDER_API_URL": stack.base_url, "RESPONDER_API_TOKEN": OPERATOR_TOKEN}
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_pause_records_and_skips_and_resume_replays_nothing(stack: Stack) -> None:
+    """responder pause: alerts are recorded and skipped (paused), nothing runs; responder resume:
+    the next alert runs, and what was skipped stays skipped."""
+    paused = responder(stack, "pause", "--reason", "planned failover", "--by", "alice")
+    assert paused.returncode == 0, paused.stderr
+    assert paused.stdout.startswith("PAUSED since ") and "by alice: planned failover" in paused.stdout
+    assert "PAUSED" in responder(stack, "pause", "--show").stdout
+    for instance in ("p1", "p2", "p3"):
+        assert stack.post(alert_payload("ResponderProbe", instance=instance)).status_code == 202
+    wait_for(
+        lambda: len([r for r in stack.runs(rule="probe-http") if r["skip_reason"] == "paused"]) == 3,
+        timeout=20,
+        what="three runs skipped while paused",
+    )
+    resumed = responder(stack, "resume", "--reason", "failover done", "--by", "bob")
+    assert resumed.returncode == 0 and resumed.stdout.startswith("running (resumed "), resumed.stderr
+    stack.post(alert_payload("ResponderProbe", instance="after"))
+    stack.wait_run("succeeded", timeout=30, rule="probe-http")
+    stack.wait_reconcile_passes(2)
+    assert [c.path for c in stack.target.calls] == ["/hook/after"]
+    statuses = sorted((r["status"], r["skip_reason"]) for r in stack.runs(rule="probe-http"))
+    assert statuses == [("skipped", "paused")] * 3 + [("succeeded", None)]
+    refused = responder(stack, "pause")
+    assert refused.returncode == 2 and "--reason is required" in refused.stderr
