@@ -26,18 +26,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from workers import telemetry
+from workers.guardstate import GuardState, Slot, TakenSlot, Verdict
 from workers.ledger import repository
 from workers.ledger.models import utcnow
 from workers.ledger.states import FINISHED, RunStatus
 
-# "resolved": a rule's ``on_resolved`` action, caused by the alert's resolved event.
-Trigger = Literal["alert", "resolved", "manual", "schedule", "step"]
+# "resolved": a rule's ``on_resolved`` action, caused by the alert's resolved event;
+# "escalation": the configured escalation, caused by another run (``parent_run_id``).
+Trigger = Literal["alert", "resolved", "escalation", "manual", "schedule", "step"]
 Mode = Literal["enforce", "dry_run"]
 
 
@@ -57,6 +59,9 @@ class RunRequest:
     # The rule's guards: ``enabled: false``, and ``for:`` (seconds to wait while still firing).
     enabled: bool = True
     grace_s: float = 0.0
+    # The cooldown group of the run when it takes a cooldown or budget slot (workers.guardstate):
+    # "" for the whole rule; None when no such guard applies.
+    guard_key: str | None = None
     # Set when planning failed: the run is recorded failed with it.
     error: str | None = None
     # alert and resolved triggers: the event and its episode
@@ -89,6 +94,8 @@ class Admission:
     reason: str | None
     created: bool
     timeout_s: float
+    # What the shared state answered, when the run asked for a cooldown or budget slot.
+    slot: Verdict | None = None
 
 
 def decide(
@@ -101,10 +108,16 @@ def decide(
     episode_resolved: bool = False,
     grace_s: float = 0.0,
     due: bool = False,
+    slot: Verdict | None = None,
+    destructive: bool = True,
+    unguarded: Literal["run", "skip"] = "run",
 ) -> tuple[RunStatus, str | None]:
     """The guards, in order: the status a request is admitted (or released) in, and the reason.
 
-    ``due``: the grace period has passed (the dispatcher releasing a waiting run).
+    ``due``: the grace period has passed (the dispatcher releasing a waiting run). ``slot``:
+    what the shared state answered for its cooldown and budget slot (``workers.guardstate``),
+    asked only once every guard before it let the run go; ``unguarded`` is the config's policy
+    for a non-destructive run when that state is unavailable.
     """
     if error is not None:
         return RunStatus.FAILED, "invalid"
@@ -118,14 +131,28 @@ def decide(
         return RunStatus.WAITING, "grace"
     if mode == "dry_run":
         return RunStatus.SKIPPED, "dry_run"
+    if slot == "cooldown":
+        return RunStatus.SKIPPED, "cooldown"
+    if slot in ("budget", "budget_global"):
+        return RunStatus.SKIPPED, "budget"
+    if slot == "unavailable" and (destructive or unguarded == "skip"):
+        return RunStatus.SKIPPED, "guard_state_unavailable"
     return RunStatus.QUEUED, None
 
 
-def admit(session: Session, requests: Sequence[RunRequest], *, published: bool = False) -> list[Admission]:
+def admit(
+    session: Session,
+    requests: Sequence[RunRequest],
+    *,
+    published: bool = False,
+    guards: GuardState | None = None,
+) -> list[Admission]:
     """Decide and record each request in the caller's transaction; one Admission per request.
 
     ``published``: the caller publishes the queued runs right after the commit, so they are
     recorded as published once (``publishing.publish_runs(marked=True)`` undoes a failure).
+    ``guards``: the shared cooldown and budget state; a new run that needs a slot takes it once
+    every other guard let it go (without ``guards`` the state counts as unavailable).
     """
     if not requests:
         return []
@@ -134,18 +161,24 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
     episodes = {(r.fingerprint or "", r.starts_at or "") for r in requests if r.trigger == "alert"}
     resolved = repository.resolved_episodes(session, episodes) if episodes else set()
     rows: list[dict[str, Any]] = []
+    facts: list[dict[str, Any]] = []
     decisions: list[tuple[RunStatus, str | None]] = []
     for request in requests:
-        status, reason = decide(
-            trigger=request.trigger,
-            mode=request.mode,
-            error=request.error,
-            paused=paused,
-            enabled=request.enabled,
-            episode_resolved=(request.fingerprint or "", request.starts_at or "") in resolved,
-            grace_s=request.grace_s,
+        facts.append(
+            {
+                "trigger": request.trigger,
+                "mode": request.mode,
+                "error": request.error,
+                "paused": paused,
+                "enabled": request.enabled,
+                "episode_resolved": (request.fingerprint or "", request.starts_at or "") in resolved,
+                "grace_s": request.grace_s,
+                "destructive": request.destructive,
+            }
         )
+        status, reason = decide(**facts[-1])
         decisions.append((status, reason))
+        queued = status == RunStatus.QUEUED
         rows.append(
             {
                 "id": repository.new_id(),
@@ -171,23 +204,71 @@ def admit(session: Session, requests: Sequence[RunRequest], *, published: bool =
                 "not_before": now + timedelta(seconds=request.grace_s)
                 if status == RunStatus.WAITING
                 else None,
+                "guard_key": request.guard_key,
+                "slot_at": now if queued and request.guard_key is not None else None,
                 "finished_at": now if status in FINISHED else None,
-                "enqueued_at": now if published and status == RunStatus.QUEUED else None,
-                "publishes": 1 if published and status == RunStatus.QUEUED else 0,
+                "enqueued_at": now if published and queued else None,
+                "publishes": 1 if published and queued else 0,
             }
         )
     inserted = repository.insert_runs(session, rows)
+    # Only a new queued run takes a slot: a second admission of a key changes nothing.
+    takers = [
+        i
+        for i, (row, request) in enumerate(zip(rows, requests, strict=True))
+        if row["id"] in inserted and decisions[i][0] == RunStatus.QUEUED and request.guard_key is not None
+    ]
+    slots = [
+        slot_of(guards, requests[i].rule or "", rows[i]["dedupe_key"], requests[i].guard_key) for i in takers
+    ]
+    verdicts: dict[int, Verdict] = {}
+    for i, verdict in zip(takers, take_slots(session, guards, slots), strict=True):
+        verdicts[i] = verdict
+        decisions[i] = decide(**facts[i], slot=verdict, unguarded=unguarded_policy(guards))
+        if verdict != "ok":
+            status, reason = decisions[i]
+            repository.settle_slot(session, rows[i]["id"], status=status, reason=reason)
     existing = repository.runs_by_keys(
         session, [row["dedupe_key"] for row in rows if row["id"] not in inserted]
     )
     admissions: list[Admission] = []
-    for request, row, (status, reason) in zip(requests, rows, decisions, strict=True):
+    for i, (request, row, (status, reason)) in enumerate(zip(requests, rows, decisions, strict=True)):
         if row["id"] in inserted:
             telemetry.count_decision(status, reason)
-            admissions.append(Admission(row["id"], status, reason, True, request.timeout_s))
+            admissions.append(Admission(row["id"], status, reason, True, request.timeout_s, verdicts.get(i)))
             continue
         run = existing.get(row["dedupe_key"])
         if run is None:  # pragma: no cover - the conflicting row is committed and never deleted
             raise LookupError(f"no run for dedupe key {row['dedupe_key']!r}")
         admissions.append(Admission(run.id, RunStatus(run.status), run.skip_reason, False, run.timeout_s))
     return admissions
+
+
+def slot_of(guards: GuardState | None, rule: str, member: str, group: str | None) -> Slot:
+    """The cooldown and budget slot a run of ``rule`` asks for (its windows from the config)."""
+    found = guards.config.rule(rule) if guards is not None else None
+    return Slot(
+        member=member,
+        rule=rule,
+        group=group or "",
+        cooldown_s=found.cooldown_s if found else None,
+        budget=found.max_runs if found else None,
+    )
+
+
+def take_slots(session: Session, guards: GuardState | None, slots: Sequence[Slot]) -> list[Verdict]:
+    """Take the slots in the shared state (rebuilt from this ledger if Redis lost it)."""
+    if not slots:
+        return []
+    if guards is None:
+        return ["unavailable"] * len(slots)
+
+    def ledger(since: datetime) -> list[TakenSlot]:
+        return [TakenSlot(*row) for row in repository.slots_since(session, since)]
+
+    return guards.take(slots, ledger=ledger)
+
+
+def unguarded_policy(guards: GuardState | None) -> Literal["run", "skip"]:
+    """What a non-destructive run does when the shared state is unavailable (the config's policy)."""
+    return guards.config.limits.non_destructive_without_guard_state if guards is not None else "run"

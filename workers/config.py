@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -40,14 +40,42 @@ class ConfigError(ResponderError):
 MAX_GRACE_S = 86400.0
 
 
-class OnResolved(BaseModel):
-    """What a rule runs when its alert resolves (a resolved event never runs the firing one)."""
+# Windows of cooldowns and budgets are kept in Redis and rebuilt from the ledger: a week at most.
+MAX_WINDOW_S = 7 * 86400.0
+_LABEL_NAME = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
+
+
+class Action(BaseModel):
+    """A remediation with params, run for an event rather than for a firing alert: a rule's
+    ``on_resolved``, or the ``escalation`` target."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     remediation: str
     params: dict[str, Any] = Field(default_factory=dict)
     target: str | None = Field(default=None, min_length=1, max_length=500)
+
+
+class Budget(BaseModel):
+    """At most ``count`` runs per ``per`` (a sliding window)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int = Field(ge=1, le=1_000_000)
+    per: Duration = Field(le=MAX_WINDOW_S)
+
+
+class Limits(BaseModel):
+    """Limits over every rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # All alert runs of all rules together.
+    max_runs: Budget | None = None
+    # When the cooldown and budget state cannot be read (Redis unreachable, or emptied and not
+    # yet rebuilt from the ledger): a destructive remediation is always refused
+    # (``guard_state_unavailable``); a non-destructive one runs (``run``) or is refused too.
+    non_destructive_without_guard_state: Literal["run", "skip"] = "run"
 
 
 class Rule(BaseModel):
@@ -71,7 +99,14 @@ class Rule(BaseModel):
     enabled: bool = True
     # ``for`` in the file (a Python keyword here): the grace period, in seconds.
     grace_s: Duration | None = Field(default=None, alias="for", le=MAX_GRACE_S)
-    on_resolved: OnResolved | None = None
+    on_resolved: Action | None = None
+    # At most one run per ``cooldown`` for each value of the ``group_by`` labels (all runs of
+    # the rule when empty). A label must be named by one of the rule's matchers, so that every
+    # matching alert has it, or be listed in ``group_by_optional`` (missing means "").
+    cooldown_s: Duration | None = Field(default=None, alias="cooldown", le=MAX_WINDOW_S)
+    group_by: list[Annotated[str, Field(pattern=_LABEL_NAME)]] = Field(default_factory=list)
+    group_by_optional: list[Annotated[str, Field(pattern=_LABEL_NAME)]] = Field(default_factory=list)
+    max_runs: Budget | None = None
     _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")
@@ -109,6 +144,9 @@ class ResponderConfig(BaseModel):
     http_allowlist: list[str] = Field(default_factory=list)
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
+    limits: Limits = Field(default_factory=Limits)
+    # Run when a budget is exhausted (once per rule and window, not once per alert).
+    escalation: Action | None = None
 
     def context(self, **overrides: Any) -> RemediationContext:
         """A remediation context carrying this config's allowlist and commands."""
@@ -178,10 +216,31 @@ def _static_problems(config: ResponderConfig) -> list[str]:
         problems.extend(_params_problems(config, rule.remediation, rule.params, where))
         if rule.on_resolved is not None:
             problems.extend(_action_problems(config, rule.on_resolved, f"{where}.on_resolved"))
+        problems.extend(_group_problems(rule, where))
+    if config.escalation is not None:
+        problems.extend(_action_problems(config, config.escalation, "escalation"))
     return problems
 
 
-def _action_problems(config: ResponderConfig, action: OnResolved, where: str) -> list[str]:
+def _group_problems(rule: Rule, where: str) -> list[str]:
+    """A cooldown's group labels must be guaranteed by the rule's matchers or declared optional."""
+    problems: list[str] = []
+    matched = {matcher.name for matcher in rule.matchers}
+    optional = set(rule.group_by_optional)
+    for label in rule.group_by:
+        if label not in matched and label not in optional:
+            problems.append(
+                f"{where}.group_by: label {label!r} is not named by any matcher of the rule; match it "
+                f"(e.g. '{label}!=\"\"') or list it in group_by_optional"
+            )
+    for label in sorted(optional - set(rule.group_by)):
+        problems.append(f"{where}.group_by_optional: label {label!r} is not in group_by")
+    if (rule.group_by or rule.group_by_optional) and rule.cooldown_s is None:
+        problems.append(f"{where}.group_by: needs a cooldown (it groups the cooldown's runs)")
+    return problems
+
+
+def _action_problems(config: ResponderConfig, action: Action, where: str) -> list[str]:
     if action.remediation not in registered():
         known = ", ".join(sorted(registered()))
         return [f"{where}.remediation: unknown remediation {action.remediation!r} (known: {known})"]

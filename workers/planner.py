@@ -10,6 +10,7 @@ Every plan is admitted through ``workers.admission`` (the guards, one recorded d
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from workers import telemetry
 from workers.admission import Mode, RunRequest, Trigger, admit, decide
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
+from workers.guardstate import GuardState, group_key, needs_slot
 from workers.ledger import repository
 from workers.ledger.db import is_transient_ledger_error, transaction
 from workers.ledger.models import AlertEvent
@@ -50,6 +52,8 @@ class Plan:
     trigger: Trigger = "alert"
     enabled: bool = True
     grace_s: float = 0.0
+    # The cooldown group when the run takes a cooldown or budget slot (None: no such guard).
+    guard_key: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     preflight: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 0.0
@@ -105,9 +109,14 @@ def target_of(source: str | None, params: RemediationParams, context: dict[str, 
 
 
 def _plan(
-    rule: Rule, definition: RemediationDef, alert: Alert, config: ResponderConfig, base: dict[str, Any]
+    rule: Rule,
+    definition: RemediationDef,
+    alert: Alert,
+    config: ResponderConfig,
+    base: dict[str, Any],
+    extra: dict[str, Any],
 ) -> Plan:
-    context = template_context(alert)
+    context = {**template_context(alert), **extra}
     rendered = render_value(rule.params, context)
     params = definition.validate(rendered)
     preflight = definition.preflight(config.context(render=renderer(context)), params)
@@ -121,16 +130,31 @@ def _plan(
     )
 
 
-def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig, *, trigger: Trigger = "alert") -> Plan:
+def plan_rule(
+    rule: Rule,
+    alert: Alert,
+    config: ResponderConfig,
+    *,
+    trigger: Trigger = "alert",
+    extra: dict[str, Any] | None = None,
+) -> Plan:
     """Render, validate and preflight one rule's params for one alert (no side effects).
 
-    ``trigger="resolved"`` plans the rule's ``on_resolved`` action instead of its remediation.
+    ``trigger="resolved"`` plans the rule's ``on_resolved`` action instead of its remediation,
+    ``trigger="escalation"`` the config's ``escalation`` (templates also see ``extra``).
     Never raises: any failure, expected or not, is this rule's ``failed`` plan with the error.
     """
-    if trigger == "resolved" and rule.on_resolved is not None:
-        action = rule.on_resolved
+    action = {"resolved": rule.on_resolved, "escalation": config.escalation}.get(trigger)
+    if action is not None:
         rule = rule.model_copy(
-            update={"remediation": action.remediation, "params": action.params, "target": action.target}
+            update={
+                "remediation": action.remediation,
+                "params": action.params,
+                "target": action.target,
+                "mode": "enforce",
+                "enabled": True,
+                "grace_s": None,
+            }
         )
     definition = get_remediation(rule.remediation)
     base: dict[str, Any] = {
@@ -140,10 +164,13 @@ def plan_rule(rule: Rule, alert: Alert, config: ResponderConfig, *, trigger: Tri
         "trigger": trigger,
         "enabled": rule.enabled,
         "grace_s": rule.grace_s or 0.0,
+        "guard_key": group_key(rule, alert.labels)
+        if trigger == "alert" and needs_slot(rule, config)
+        else None,
         "destructive": definition.destructive,
     }
     try:
-        return _plan(rule, definition, alert, config, base)
+        return _plan(rule, definition, alert, config, base, extra or {})
     except RenderError as exc:
         error = f"render: {exc}"
     except ValidationError as exc:
@@ -168,6 +195,7 @@ def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
         mode=plan.mode,
         enabled=plan.enabled,
         grace_s=plan.grace_s if plan.trigger == "alert" else 0.0,
+        guard_key=plan.guard_key,
         target=plan.target,
         destructive=plan.destructive,
         timeout_s=plan.timeout_s,
@@ -199,7 +227,12 @@ class EventsFailed(Exception):
 
 
 def handle_events(
-    *, event_ids: Sequence[str], settings: Settings, config: ResponderConfig, publisher: Publisher
+    *,
+    event_ids: Sequence[str],
+    settings: Settings,
+    config: ResponderConfig,
+    publisher: Publisher,
+    guards: GuardState | None = None,
 ) -> list[str]:
     """Plan the rules matching each event and publish the queued runs; returns the new run ids.
 
@@ -247,14 +280,14 @@ def handle_events(
     created: list[tuple[str, float]] = []
     try:
         with transaction(settings.database_url) as session:
-            created = _admit(session, planned)
+            created = _admit(session, planned, config, guards)
     except Exception as exc:
         if is_transient_ledger_error(exc) or len(planned) < 2:
             raise  # transient: the whole message is retried; nothing of it was committed
         for one in planned:
             try:
                 with transaction(settings.database_url) as session:
-                    created.extend(_admit(session, [one]))
+                    created.extend(_admit(session, [one], config, guards))
             except Exception as single:
                 if is_transient_ledger_error(single):
                     raise
@@ -297,7 +330,9 @@ def _plan_event(event: AlertEvent, config: ResponderConfig) -> _EventPlan:
     return _EventPlan(event, len(rules), [plan_rule(rule, alert, config) for rule in rules])
 
 
-def _admit(session: Session, planned: Sequence[_EventPlan]) -> list[tuple[str, float]]:
+def _admit(
+    session: Session, planned: Sequence[_EventPlan], config: ResponderConfig, guards: GuardState | None
+) -> list[tuple[str, float]]:
     """Cancel the pending runs of resolved episodes, admit every plan and mark the events
     handled; returns (run id, timeout) of the queued runs."""
     resolved = [
@@ -309,13 +344,18 @@ def _admit(session: Session, planned: Sequence[_EventPlan]) -> list[tuple[str, f
             telemetry.count_decision("cancelled", "resolved")
             log.info("run_cancelled", run_id=run_id, reason="resolved")
     requests = [(one, plan) for one in planned for plan in one.plans]
-    admissions = admit(session, [request_for(plan, one.event) for one, plan in requests], published=True)
+    admissions = admit(
+        session, [request_for(plan, one.event) for one, plan in requests], published=True, guards=guards
+    )
     repository.mark_events_handled(session, {one.event.id: one.matched for one in planned})
     queued: list[tuple[str, float]] = []
+    causes: list[Cause] = []
     for (one, plan), admission in zip(requests, admissions, strict=True):
         if not admission.created:
             log.info("run_already_planned", event_id=one.event.id, rule=plan.rule, run_id=admission.run_id)
             continue
+        if admission.reason == "budget":
+            causes.append(Cause(admission.run_id, plan.rule, admission.slot == "budget_global", one.event))
         log.info(
             "run_planned",
             event_id=one.event.id,
@@ -331,4 +371,88 @@ def _admit(session: Session, planned: Sequence[_EventPlan]) -> list[tuple[str, f
         )
         if admission.status == RunStatus.QUEUED:
             queued.append((admission.run_id, admission.timeout_s))
+    return queued + escalate(session, causes, config, guards)
+
+
+@dataclass(frozen=True)
+class Cause:
+    """A run a budget refused: what an escalation is about."""
+
+    run_id: str
+    rule: str
+    global_budget: bool
+    event: AlertEvent | Row[Any]
+
+
+def escalate(
+    session: Session, causes: Sequence[Cause], config: ResponderConfig, guards: GuardState | None
+) -> list[tuple[str, float]]:
+    """Admit the ``escalation`` run for budgets that refused runs: one per rule (or for the
+    global budget) and window, however many alerts it refused; returns the queued runs.
+
+    The escalation is a run of its own (trigger ``escalation``), linked to the first run it is
+    about (``parent_run_id``) and to that run's alert; its dedupe key holds the budget and the
+    window (``escalation:budget:{rule or *}:{window number}``), so it is at most once per window
+    across all workers and redeliveries. Its templates see ``escalation`` (``reason``, ``rule``,
+    ``detail``, ``run_id``, ``count``, ``per_s``) besides the alert.
+    """
+    if config.escalation is None or not causes:
+        return []
+    now = time.time()
+    requests: list[RunRequest] = []
+    for cause in causes:
+        rule = config.rule(cause.rule)
+        budget = config.limits.max_runs if cause.global_budget else (rule.max_runs if rule else None)
+        if rule is None or budget is None:
+            continue
+        scope = "*" if cause.global_budget else rule.name
+        key = f"budget:{scope}:{int(now // budget.per)}"
+        if any(request.idempotency_key == key for request in requests):
+            continue
+        detail = f"{'all rules' if cause.global_budget else 'rule ' + rule.name}: budget of {budget.count} runs per {budget.per:g}s reached"
+        extra = {
+            "escalation": {
+                "reason": "budget",
+                "rule": rule.name,
+                "detail": detail,
+                "run_id": cause.run_id,
+                "count": budget.count,
+                "per_s": budget.per,
+            }
+        }
+        plan = plan_rule(rule, event_alert(cause.event), config, trigger="escalation", extra=extra)
+        requests.append(
+            RunRequest(
+                trigger="escalation",
+                remediation=plan.remediation,
+                params=plan.params,
+                rule=rule.name,
+                target=plan.target,
+                destructive=plan.destructive,
+                timeout_s=plan.timeout_s,
+                preflight=plan.preflight,
+                error=plan.error,
+                event_id=cause.event.id,
+                fingerprint=cause.event.fingerprint,
+                starts_at=cause.event.starts_at,
+                idempotency_key=key,
+                parent_run_id=cause.run_id,
+            )
+        )
+    queued: list[tuple[str, float]] = []
+    for request, admission in zip(
+        requests, admit(session, requests, published=True, guards=guards), strict=True
+    ):
+        if admission.created:
+            log.warning(
+                "escalation_admitted",
+                run_id=admission.run_id,
+                cause_run_id=request.parent_run_id,
+                rule=request.rule,
+                reason="budget",
+                status=admission.status.value,
+                error=request.error,
+            )
+            if admission.status == RunStatus.QUEUED:
+                queued.append((admission.run_id, admission.timeout_s))
     return queued

@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     # a poison message ends recorded with its error, never in a silent loop.
     max_deliveries: int = Field(default=5, ge=1)
 
+    # Cooldown and budget state in Redis (workers.guardstate); separate prefixes keep deployments apart.
+    guard_key_prefix: str = "responder:guard:"
+
     # Celery beat's Redis keys (celery-redbeat); separate prefixes keep deployments apart.
     redbeat_key_prefix: str = "responder:redbeat:"
 

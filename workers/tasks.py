@@ -12,6 +12,7 @@ from sqlalchemy.orm import configure_mappers
 from remediations import http
 from workers import dispatcher, planner, reconciler, runner, telemetry
 from workers.config import ResponderConfig, cached_config
+from workers.guardstate import guard_state
 from workers.ledger.db import configure, connect, is_transient_ledger_error
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import ledger_policy
@@ -103,8 +104,14 @@ def _clear_task(**_: Any) -> None:
 def handle_alert(self: Task[Any, Any], *event_ids: str) -> list[str]:
     """Match, render, validate and record runs for the events of one webhook (idempotent)."""
     try:
+        settings = get_settings()
+        config = _config()
         return planner.handle_events(
-            event_ids=event_ids, settings=get_settings(), config=_config(), publisher=_publisher()
+            event_ids=event_ids,
+            settings=settings,
+            config=config,
+            publisher=_publisher(),
+            guards=guard_state(settings, config),
         )
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
@@ -162,7 +169,11 @@ def reconcile() -> dict[str, int]:
 @shared_task(name=DISPATCH, ignore_result=True)
 def dispatch() -> dict[str, int]:
     """Release the waiting runs whose grace period has passed (a failed pass: the next one)."""
-    done = dispatcher.release_due(settings=get_settings(), config=_config(), publisher=_publisher())
+    settings = get_settings()
+    config = _config()
+    done = dispatcher.release_due(
+        settings=settings, config=config, publisher=_publisher(), guards=guard_state(settings, config)
+    )
     if done.queued or done.refused:
         log.info("dispatch_pass", queued=done.queued, refused=done.refused)
     return {"queued": done.queued, "refused": done.refused}

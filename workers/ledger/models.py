@@ -103,6 +103,7 @@ class Run(Base):
         Index("ix_runs_status", "status"),
         Index("ix_runs_episode", "fingerprint", "starts_at"),
         Index("ix_runs_waiting", "status", "not_before"),
+        Index("ix_runs_slot_at", "slot_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -129,6 +130,10 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # A waiting run's due time (its rule's grace period): the dispatcher releases it then.
     not_before: Mapped[datetime | None]
+    # Cooldown and budget (workers.guardstate): the run's cooldown group ("" for the whole rule;
+    # None when no such guard applies) and when it took its slot; the ledger's copy of Redis's.
+    guard_key: Mapped[str | None] = mapped_column(String(64))
+    slot_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # When run_remediation was last published, and how often since the last claim: a run that

@@ -386,15 +386,46 @@ def cancel_pending_episode_runs(session: Session, episodes: Iterable[tuple[str, 
     return cancelled
 
 
+def settle_slot(session: Session, run_id: str, *, status: RunStatus, reason: str | None) -> None:
+    """A new queued run did not take its slot: record the guard's refusal (or, when it runs
+    without one, that it holds none)."""
+    values: dict[str, Any] = {"slot_at": None}
+    if status != RunStatus.QUEUED:
+        now = utcnow()
+        values.update(
+            status=status.value,
+            skip_reason=reason,
+            finished_at=now,
+            updated_at=now,
+            enqueued_at=None,
+            publishes=0,
+        )
+    session.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+
+
+def slots_since(session: Session, since: datetime) -> list[tuple[str, str, str, datetime]]:
+    """(dedupe key, rule, cooldown group, slot time) of the runs that took a slot since ``since``."""
+    rows = session.connection().execute(
+        select(RUNS.c.dedupe_key, RUNS.c.rule, RUNS.c.guard_key, RUNS.c.slot_at).where(
+            RUNS.c.slot_at >= since, RUNS.c.rule.is_not(None), RUNS.c.guard_key.is_not(None)
+        )
+    )
+    return [(key, rule, group, at) for key, rule, group, at in rows]
+
+
 @dataclass(frozen=True)
 class DueRun:
     """A waiting run whose grace period has passed, with what the guards need to decide again."""
 
     id: str
+    dedupe_key: str
     rule: str | None
     mode: str
     trigger: str
     timeout_s: float
+    destructive: bool
+    guard_key: str | None
+    event_id: str | None
     resolved: bool
 
 
@@ -410,14 +441,27 @@ def due_waiting_runs(session: Session, *, now: datetime, limit: int) -> list[Due
         .exists()
     )
     rows = session.connection().execute(
-        select(
-            RUNS.c.id, RUNS.c.rule, RUNS.c.mode, RUNS.c.trigger, RUNS.c.timeout_s, resolved.label("resolved")
-        )
+        select(RUNS.c.id, RUNS.c.dedupe_key, RUNS.c.rule, RUNS.c.mode, RUNS.c.trigger, RUNS.c.timeout_s)
+        .add_columns(RUNS.c.destructive, RUNS.c.guard_key, RUNS.c.event_id, resolved.label("resolved"))
         .where(RUNS.c.status == RunStatus.WAITING.value, RUNS.c.not_before <= now)
         .order_by(RUNS.c.not_before)
         .limit(limit)
     )
-    return [DueRun(r.id, r.rule, r.mode, r.trigger, r.timeout_s, bool(r.resolved)) for r in rows]
+    return [
+        DueRun(
+            r.id,
+            r.dedupe_key,
+            r.rule,
+            r.mode,
+            r.trigger,
+            r.timeout_s,
+            r.destructive,
+            r.guard_key,
+            r.event_id,
+            bool(r.resolved),
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Guards: waiting runs with a due time (grace periods) and the pause switch's history.
+"""Guards: waiting runs with a due time (grace periods), cooldown and budget slots, and the
+pause switch's history.
 
 Revision ID: 0003
 Revises: 0002
@@ -19,10 +20,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add ``runs.not_before`` (indexed with the status) and the ``pauses`` table."""
+    """Add ``runs.not_before`` (indexed with the status), the slot columns and ``pauses``."""
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("not_before", UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("guard_key", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("slot_at", UTCDateTime(), nullable=True))
         batch.create_index("ix_runs_waiting", ["status", "not_before"])
+        batch.create_index("ix_runs_slot_at", ["slot_at"])
     op.create_table(
         "pauses",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -37,5 +41,8 @@ def downgrade() -> None:
     """Back to 0002 (the pause history is dropped; waiting runs stay in their status)."""
     op.drop_table("pauses")
     with op.batch_alter_table("runs") as batch:
+        batch.drop_index("ix_runs_slot_at")
         batch.drop_index("ix_runs_waiting")
+        batch.drop_column("slot_at")
+        batch.drop_column("guard_key")
         batch.drop_column("not_before")
