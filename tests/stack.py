@@ -124,6 +124,9 @@ class Stack:
     tmp: Path
     database_url: str
     extra_rules: list[dict[str, Any]] = field(default_factory=list)
+    # Top-level config keys (limits, escalation). In these and in extra_rules, "{target}" in a
+    # string becomes the target server's port.
+    extra_config: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
     redis: EmbeddedRedis = field(init=False)
     target: TargetServer = field(init=False)
@@ -137,7 +140,10 @@ class Stack:
         self.target = TargetServer()
         self.port = free_port()
         config = self.tmp / "responder.yaml"
-        config.write_text(yaml.safe_dump(stack_config(self.target.port, self.tmp, self.extra_rules)))
+        rules, extra = json.loads(
+            json.dumps([self.extra_rules, self.extra_config]).replace("{target}", str(self.target.port))
+        )
+        config.write_text(yaml.safe_dump({**stack_config(self.target.port, self.tmp, rules), **extra}))
         self.env = {
             **os.environ,
             "RESPONDER_REDIS_URL": self.redis.url,

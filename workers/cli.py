@@ -243,6 +243,8 @@ def config_test(path: Path, alert_path: Path, as_json: bool) -> None:
                 f"  rule {plan['rule']} -> {plan['remediation']} [{plan['mode']}]: would be {plan['status']}"
                 + (f" ({guard})" if guard else "")
             )
+            if plan["guards"]:
+                click.echo(f"    guards: {'; '.join(plan['guards'])}")
             if plan["error"]:
                 click.echo(f"    error: {plan['error']}")
             else:

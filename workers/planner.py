@@ -54,6 +54,8 @@ class Plan:
     grace_s: float = 0.0
     # The cooldown group when the run takes a cooldown or budget slot (None: no such guard).
     guard_key: str | None = None
+    # The rule's guards that would apply, as text (``config test``); Redis is not consulted.
+    guards: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     preflight: dict[str, Any] = field(default_factory=dict)
     timeout_s: float = 0.0
@@ -130,6 +132,23 @@ def _plan(
     )
 
 
+def guards_of(rule: Rule, config: ResponderConfig) -> list[str]:
+    """The guards a rule configures, in their order, as ``config test`` shows them."""
+    shown = [] if rule.enabled else ["disabled"]
+    if rule.grace_s:
+        shown.append(f"for {rule.grace_s:g}s")
+    if rule.mode == "dry_run":
+        shown.append("dry_run")
+    if rule.cooldown_s:
+        by = f" by {', '.join(rule.group_by)}" if rule.group_by else ""
+        shown.append(f"cooldown {rule.cooldown_s:g}s{by}")
+    if rule.max_runs:
+        shown.append(f"max_runs {rule.max_runs.count} per {rule.max_runs.per:g}s")
+    if config.limits.max_runs:
+        shown.append(f"limits.max_runs {config.limits.max_runs.count} per {config.limits.max_runs.per:g}s")
+    return shown
+
+
 def plan_rule(
     rule: Rule,
     alert: Alert,
@@ -167,6 +186,7 @@ def plan_rule(
         "guard_key": group_key(rule, alert.labels)
         if trigger == "alert" and needs_slot(rule, config)
         else None,
+        "guards": guards_of(rule, config) if trigger == "alert" else [],
         "destructive": definition.destructive,
     }
     try:

@@ -7,10 +7,13 @@ alert and acts on none, and resume replays nothing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -138,3 +141,137 @@ def test_pause_records_and_skips_and_resume_replays_nothing(stack: Stack) -> Non
     assert statuses == [("skipped", "paused")] * 3 + [("succeeded", None)]
     refused = responder(stack, "pause")
     assert refused.returncode == 2 and "--reason is required" in refused.stderr
+
+
+def slot_stack(stack_factory: type[Stack], ledger_url: str, tmp_path: Path, cooldown: str = "5s") -> Stack:
+    """Rules with a budget and a cooldown, and an escalation, all aimed at the target server."""
+    return stack_factory(
+        tmp=tmp_path,
+        database_url=ledger_url,
+        extra_rules=[
+            {
+                "name": "budgeted",
+                "match": ['alertname="ResponderBudget"'],
+                "remediation": "http_request",
+                "max_runs": {"count": 3, "per": "1h"},
+                "params": {"url": "http://127.0.0.1:{target}/budget/{{ labels.instance }}"},
+            },
+            {
+                "name": "cooled",
+                "match": ['alertname="ResponderFlap"', 'instance!=""'],
+                "remediation": "http_request",
+                "cooldown": cooldown,
+                "group_by": ["instance"],
+                "params": {"url": "http://127.0.0.1:{target}/flap/{{ labels.instance }}"},
+            },
+        ],
+        extra_config={
+            "escalation": {
+                "remediation": "http_request",
+                "params": {
+                    "url": "http://127.0.0.1:{target}/page",
+                    "json": {"text": "{{ escalation.detail }}"},
+                },
+            }
+        },
+    )
+
+
+def test_budget_runs_three_of_ten_and_escalates_once(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """max_runs 3 per hour, 10 matching alerts at once: 3 run, 7 are skipped (budget), and one
+    escalation pages, whichever worker process decided which alert."""
+    stack = slot_stack(stack_factory, ledger_url, tmp_path)
+    stack.start_receiver()
+    stack.start_worker(concurrency=2)
+    stack.start_beat()
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        codes = list(
+            pool.map(
+                lambda i: stack.post(alert_payload("ResponderBudget", instance=f"b{i}")).status_code,
+                range(10),
+            )
+        )
+    assert codes == [202] * 10
+
+    def settled() -> list[dict[str, Any]] | None:
+        runs = stack.runs(rule="budgeted", limit="50")
+        done = [r for r in runs if r["status"] in ("succeeded", "skipped")]
+        return runs if len(done) == 11 else None
+
+    runs = wait_for(settled, timeout=40, what="10 alert runs and an escalation to finish")
+    stack.wait_reconcile_passes(2)
+    alert_runs = [r for r in runs if r["trigger"] == "alert"]
+    outcomes = sorted((r["status"], r["skip_reason"] or "") for r in alert_runs)
+    assert outcomes == [("skipped", "budget")] * 7 + [("succeeded", "")] * 3
+    (escalation,) = [r for r in runs if r["trigger"] == "escalation"]
+    assert escalation["status"] == "succeeded"
+    assert escalation["parent_run_id"] in {r["id"] for r in alert_runs if r["status"] == "skipped"}
+    calls = [c.path for c in stack.target.calls]
+    print(
+        f"BUDGET [{ledger_url.split(':')[0]}]: 10 alerts, runs {len(calls) - 1}, skipped 7, pages {calls.count('/page')}"
+    )
+    assert sorted(calls)[-1] == "/page" and len(calls) == 4 and calls.count("/page") == 1
+
+
+def test_flapping_alert_acts_as_often_as_the_cooldown_allows(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """One instance firing and resolving every second for 12 s (a new episode each time) under a
+    5 s cooldown: runs at least 5 s apart, every other episode skipped (cooldown)."""
+    stack = slot_stack(stack_factory, ledger_url, tmp_path)
+    stack.start_all()
+    episodes = 12
+    for n in range(episodes):
+        firing = alert_payload("ResponderFlap", instance="flappy")
+        firing["alerts"][0]["startsAt"] = f"2026-11-23T06:00:{n:02d}Z"
+        assert stack.post(firing).status_code == 202
+        time.sleep(0.5)
+        resolved = alert_payload("ResponderFlap", status="resolved", instance="flappy")
+        resolved["alerts"][0]["startsAt"] = f"2026-11-23T06:00:{n:02d}Z"
+        assert stack.post(resolved).status_code == 202
+        time.sleep(0.5)
+
+    def decided() -> list[dict[str, Any]] | None:
+        runs = stack.runs(rule="cooled", limit="100")
+        return (
+            runs
+            if len(runs) == episodes and all(r["status"] not in ("queued", "running") for r in runs)
+            else None
+        )
+
+    runs = wait_for(decided, timeout=30, what="every episode decided")
+    stack.wait_reconcile_passes(2)
+    acted = sorted(datetime.fromisoformat(r["created_at"]) for r in runs if r["skip_reason"] != "cooldown")
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(acted)]
+    cooled = sum(r["skip_reason"] == "cooldown" for r in runs)
+    calls = len(stack.target.calls)
+    print(
+        f"FLAP [{ledger_url.split(':')[0]}]: {episodes} episodes in {episodes} s, took a slot {len(acted)}, "
+        f"skipped for cooldown {cooled}, target calls {calls}, gaps {[round(g, 1) for g in gaps]}"
+    )
+    assert 2 <= len(acted) <= 3 and all(gap >= 4.9 for gap in gaps)
+    assert cooled == episodes - len(acted)
+    assert calls == sum(r["status"] == "succeeded" for r in runs) <= len(acted)
+
+
+def test_redis_emptied_keeps_a_cooldown_from_the_ledger(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """Redis restarted empty during a cooldown: the next episode is refused all the same (the
+    state is rebuilt from the ledger first), never run unguarded."""
+    stack = slot_stack(stack_factory, ledger_url, tmp_path, cooldown="10m")
+    stack.start_all()
+    first = alert_payload("ResponderFlap", instance="keep")
+    assert stack.post(first).status_code == 202
+    stack.wait_run("succeeded", timeout=30, rule="cooled")
+    stack.restart_redis_empty()
+    second = alert_payload("ResponderFlap", instance="keep")
+    second["alerts"][0]["startsAt"] = "2026-11-23T07:00:00Z"
+    assert stack.post(second).status_code == 202
+    skipped = stack.wait_run("skipped", timeout=60, rule="cooled")
+    assert skipped["skip_reason"] == "cooldown"
+    assert stack.count("worker", "guard_state_rebuilt") >= 1
+    stack.wait_reconcile_passes(2)
+    assert [c.path for c in stack.target.calls] == ["/flap/keep"]

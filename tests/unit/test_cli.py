@@ -74,6 +74,47 @@ def test_config_test_accepts_a_bare_alert_and_resolved(runner: CliRunner, tmp_pa
     )
 
 
+def test_config_test_shows_the_guards_without_touching_state(runner: CliRunner, tmp_path: Path) -> None:
+    """A rule's guards are listed in order; a grace period shows as waiting; a resolved alert
+    shows its rule's on_resolved action."""
+    config = tmp_path / "guarded.yaml"
+    hook = "http://127.0.0.1:9/{{ labels.instance }}"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "http_allowlist": ["127.0.0.1:*"],
+                "limits": {"max_runs": {"count": 50, "per": "1h"}},
+                "rules": [
+                    {
+                        "name": "g",
+                        "match": ['alertname="G"', 'instance!=""'],
+                        "for": "2m",
+                        "cooldown": "15m",
+                        "group_by": ["instance"],
+                        "max_runs": {"count": 3, "per": "1h"},
+                        "remediation": "http_request",
+                        "params": {"url": hook},
+                        "on_resolved": {"remediation": "http_request", "params": {"url": hook + "/ok"}},
+                    }
+                ],
+            }
+        )
+    )
+    firing, resolved = tmp_path / "firing.json", tmp_path / "resolved.json"
+    firing.write_text(json.dumps(alert_payload("G", instance="h1")))
+    resolved.write_text(json.dumps(alert_payload("G", status="resolved", instance="h1")))
+    shown = runner.invoke(main, ["config", "test", str(config), "--alert", str(firing)])
+    assert shown.exit_code == 0, shown.output
+    assert "rule g -> http_request [enforce]: would be waiting (grace: 120s)" in shown.output
+    assert (
+        "guards: for 120s; cooldown 900s by instance; max_runs 3 per 3600s; limits.max_runs 50 per 3600s"
+        in (shown.output)
+    )
+    after = runner.invoke(main, ["config", "test", str(config), "--alert", str(resolved)])
+    assert "pending runs would be cancelled; on_resolved:" in after.output
+    assert "rule g -> http_request [enforce]: would be queued" in after.output and "/h1/ok" in after.output
+
+
 def test_serve_refuses_without_tokens(runner: CliRunner) -> None:
     """serve will not start an unauthenticated receiver."""
     result = runner.invoke(main, ["serve"])

@@ -94,6 +94,49 @@ def test_rule_guard_keys_are_validated() -> None:
         assert len(semantic.value.problems) == 1 and semantic.value.problems[0].startswith(problem)
 
 
+def test_cooldown_groups_and_budgets_are_validated() -> None:
+    """group_by labels must be matched or declared optional, and need a cooldown; budgets and
+    windows have units and ranges."""
+    base: dict[str, Any] = {
+        "name": "c",
+        "match": ['alertname="A"', 'instance!=""'],
+        "remediation": "http_request",
+        "params": {"url": HOOK},
+    }
+    ok = parse_config(
+        compat_config(
+            extra_rules=[
+                {**base, "cooldown": "15m", "group_by": ["instance", "job"], "group_by_optional": ["job"]},
+                {**base, "name": "d", "max_runs": {"count": 3, "per": "1h"}},
+            ]
+        )
+        | {"limits": {"max_runs": {"count": 50, "per": "1h"}}}
+    )
+    cooled = ok.rule("c")
+    assert cooled is not None and cooled.cooldown_s == 900.0 and ok.limits.max_runs is not None
+    for extra, problem in (
+        (
+            {"cooldown": "15m", "group_by": ["job"]},
+            "rules[3] (c).group_by: label 'job' is not named by any matcher",
+        ),
+        ({"group_by": ["instance"]}, "rules[3] (c).group_by: needs a cooldown"),
+        (
+            {"cooldown": "15m", "group_by_optional": ["job"]},
+            "rules[3] (c).group_by_optional: label 'job' is not in",
+        ),
+        (
+            {"max_runs": {"count": 0, "per": "1h"}},
+            "rules[3] (c).max_runs.count: Input should be greater than",
+        ),
+        ({"max_runs": {"count": 3, "per": "169h"}}, "rules[3] (c).max_runs.per: Input should be less than"),
+        ({"cooldown": "soon"}, "rules[3] (c).cooldown: Value error, not a duration"),
+        ({"group_by": ["in-stance"], "cooldown": "1m"}, "rules[3] (c).group_by[0]: String should match"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse_config(compat_config(extra_rules=[{**base, **extra}]))
+        assert caught.value.problems[0].startswith(problem), caught.value.problems
+
+
 def _handle(url: str, config: ResponderConfig, payload: dict[str, Any]) -> list[str]:
     p = WebhookPayload.model_validate(payload)
     with transaction(url) as session:
