@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from receiver import deps, errors, intake
-from receiver.routes import alertmanager, ops, pause, runs
+from receiver.routes import alertmanager, breakers, ops, pause, runs
 from workers.publishing import Publisher
 from workers.settings import Settings, get_settings
 
@@ -38,6 +38,7 @@ def create_app(
     app.include_router(alertmanager.router)
     app.include_router(runs.router)
     app.include_router(pause.router)
+    app.include_router(breakers.router)
     return app
 
 

@@ -42,17 +42,19 @@ class Call:
 
 
 class TargetServer:
-    """The endpoint remediations call: records every request; answers ``status``."""
+    """The endpoint remediations call: records every request; answers ``status`` after ``delay_s``."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.status = 200
+        self.delay_s = 0.0
         target = self
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 target.calls.append(Call(self.command, self.path, self.rfile.read(length), time.time()))
+                time.sleep(target.delay_s)
                 self.send_response(target.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
 from workers import telemetry
-from workers.guardstate import GuardState, Slot, TakenSlot, Verdict
+from workers.guardstate import GuardState, Slot, Verdict, from_ledger
 from workers.ledger import repository
 from workers.ledger.models import utcnow
 from workers.ledger.states import FINISHED, RunStatus
@@ -262,11 +262,7 @@ def take_slots(session: Session, guards: GuardState | None, slots: Sequence[Slot
         return []
     if guards is None:
         return ["unavailable"] * len(slots)
-
-    def ledger(since: datetime) -> list[TakenSlot]:
-        return [TakenSlot(*row) for row in repository.slots_since(session, since)]
-
-    return guards.take(slots, ledger=ledger)
+    return guards.take(slots, ledger=from_ledger(session))
 
 
 def unguarded_policy(guards: GuardState | None) -> Literal["run", "skip"]:

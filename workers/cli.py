@@ -337,5 +337,40 @@ def resume_command(url: str, reason: str, actor: str) -> None:
     _show_pause(_api("POST", url, "/api/v1/resume", {"by": actor, "reason": reason}))
 
 
+@main.group("breakers", invoke_without_command=True)
+@_api_url
+@click.option(
+    "--state", type=click.Choice(["open", "half_open", "closed"]), help="Only breakers in this state."
+)
+@click.pass_context
+def breakers_command(ctx: click.Context, url: str, state: str | None) -> None:
+    """List the circuit breakers (open and half-open first); `breakers reset KEY` closes one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    query = f"?state={state}" if state else ""
+    found = _api("GET", url, f"/api/v1/breakers{query}")["breakers"]
+    if not found:
+        click.echo("no breakers" + (f" {state}" if state else ""))
+    for b in found:
+        after = f", probe after {b['probe_after']}" if b["probe_after"] else ""
+        click.echo(
+            f"{b['key']}  {b['state']:<9} {b['remediation']} -> {b['target'] or '-'}  "
+            f"failures {b['failures']}{after}"
+        )
+        if b["last_error"]:
+            click.echo(f"    last error: {b['last_error'][:200]}")
+
+
+@breakers_command.command("reset")
+@_api_url
+@click.argument("key")
+@click.option("--reason", required=True, help="Why (logged with the reset).")
+@click.option("--by", "actor", default=_default_actor, help="Who resets  [default: user@host]")
+def breakers_reset(url: str, key: str, reason: str, actor: str) -> None:
+    """Close breaker KEY now, with no failures counted."""
+    b = _api("POST", url, f"/api/v1/breakers/{key}/reset", {"by": actor, "reason": reason})
+    click.echo(f"{b['key']}  {b['state']}  {b['remediation']} -> {b['target'] or '-'}")
+
+
 if __name__ == "__main__":
     main()

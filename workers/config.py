@@ -65,6 +65,16 @@ class Budget(BaseModel):
     per: Duration = Field(le=MAX_WINDOW_S)
 
 
+class Breaker(BaseModel):
+    """A circuit breaker per (remediation, target): open after ``failures`` consecutive counted
+    failures, for ``cool_down``; then one probe decides (``workers.breakers``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    failures: int = Field(default=3, ge=1, le=1000)
+    cool_down_s: Duration = Field(default=600.0, alias="cool_down", le=MAX_WINDOW_S)
+
+
 class Limits(BaseModel):
     """Limits over every rule."""
 
@@ -107,6 +117,8 @@ class Rule(BaseModel):
     group_by: list[Annotated[str, Field(pattern=_LABEL_NAME)]] = Field(default_factory=list)
     group_by_optional: list[Annotated[str, Field(pattern=_LABEL_NAME)]] = Field(default_factory=list)
     max_runs: Budget | None = None
+    # This rule's breakers (default: the config's ``breaker``).
+    breaker: Breaker | None = None
     _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")
@@ -145,7 +157,10 @@ class ResponderConfig(BaseModel):
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
-    # Run when a budget is exhausted (once per rule and window, not once per alert).
+    # Breakers of rules that set none.
+    breaker: Breaker = Field(default_factory=Breaker)
+    # Run when a budget is exhausted (once per rule and window, not once per alert) and when a
+    # breaker opens (once per opening).
     escalation: Action | None = None
 
     def context(self, **overrides: Any) -> RemediationContext:
@@ -163,6 +178,11 @@ class ResponderConfig(BaseModel):
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name``, if any."""
         return next((rule for rule in self.rules if rule.name == name), None)
+
+    def breaker_of(self, rule: str | None) -> Breaker:
+        """The breaker settings of a rule's runs."""
+        found = self.rule(rule) if rule else None
+        return found.breaker if found is not None and found.breaker is not None else self.breaker
 
     @property
     def disabled_rules(self) -> frozenset[str]:

@@ -23,7 +23,7 @@ from workers.guardstate import GuardState
 from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, reading, transaction
 from workers.ledger.states import RunStatus
-from workers.planner import Cause, escalate
+from workers.planner import budget_cause, escalate
 from workers.publishing import Publisher, publish_runs
 from workers.settings import Settings
 
@@ -113,9 +113,18 @@ def release_due(
             for e in repository.events_by_ids(session, [due[i].event_id or "" for i in budget_refused])
         }
         causes = [
-            Cause(due[i].id, due[i].rule or "", scope, events[due[i].event_id or ""])
-            for i, scope in budget_refused.items()
+            cause
+            for i, global_budget in budget_refused.items()
             if due[i].event_id in events
+            and (
+                cause := budget_cause(
+                    due[i].id,
+                    due[i].rule or "",
+                    events[due[i].event_id or ""],
+                    config,
+                    global_budget=global_budget,
+                )
+            )
         ]
         queued.extend(escalate(session, causes, config, guards))
     publish_runs(queued, settings=settings, publisher=publisher, marked=True)

@@ -15,7 +15,8 @@ Keys, under ``RESPONDER_GUARD_KEY_PREFIX`` (``responder:guard:``):
   (ms, Redis's clock) their run took the slot; trimmed to the window on every check.
 - ``rebuild``: held while one worker rebuilds the state.
 
-Every slot taken is also on its run in the ledger (``runs.guard_key``, ``runs.slot_at``). When
+Every slot taken is also on its run in the ledger (``runs.guard_key``, ``runs.slot_at``), and
+every breaker's state in ``breakers`` (``workers.breakers``, under the same prefix). When
 ``ready`` is missing the state is rebuilt from the ledger before anything is decided, and while
 it cannot be (Redis unreachable), the answer is ``unavailable``: the caller refuses a
 destructive remediation (``guard_state_unavailable``) rather than run it unguarded.
@@ -28,14 +29,17 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import redis
+from sqlalchemy.orm import Session
 
 from workers import telemetry
+from workers.breakers import Breakers, BreakerState, Gate, Outcome, Recorded, Transition
 from workers.config import Budget, ResponderConfig, Rule
+from workers.ledger import repository
 from workers.settings import Settings
 
 log = telemetry.get_logger(__name__)
@@ -116,6 +120,37 @@ class TakenSlot:
     at: datetime
 
 
+@dataclass(frozen=True)
+class LedgerCopy:
+    """What the ledger holds of the shared state: the slots taken since a time, and breakers."""
+
+    slots: list[TakenSlot] = field(default_factory=list)
+    breakers: list[BreakerState] = field(default_factory=list)
+
+
+Ledger = Callable[[datetime], LedgerCopy]
+
+
+def from_ledger(session: Session) -> Ledger:
+    """Read the shared state's ledger copy in ``session`` (called only for a rebuild)."""
+
+    def read(since: datetime) -> LedgerCopy:
+        slots = [TakenSlot(*row) for row in repository.slots_since(session, since)]
+        breakers = [
+            BreakerState(
+                key=b.key,
+                state=b.state,
+                failures=b.failures,
+                opened_at_ms=round(b.opened_at.timestamp() * 1000) if b.opened_at else 0,
+                cool_down_ms=round(b.cool_down_s * 1000),
+            )
+            for b in repository.list_breakers(session, limit=100_000)
+        ]
+        return LedgerCopy(slots, breakers)
+
+    return read
+
+
 class GuardState:
     """Cooldown and budget slots on one Redis, for one config."""
 
@@ -124,12 +159,13 @@ class GuardState:
         self.prefix = prefix
         self.config = config
         self._take = client.register_script(_TAKE)
+        self.breakers = Breakers(client, prefix)
 
     def key(self, *parts: str) -> str:
         """A key under this deployment's prefix."""
         return self.prefix + ":".join(parts)
 
-    def take(self, slots: Sequence[Slot], *, ledger: Callable[[datetime], list[TakenSlot]]) -> list[Verdict]:
+    def take(self, slots: Sequence[Slot], *, ledger: Ledger) -> list[Verdict]:
         """Try to take each slot, in order (one Redis round trip); ``ledger(since)`` lists the
         slots the ledger holds since a time, for a rebuild when Redis has lost the state."""
         if not slots:
@@ -173,7 +209,32 @@ class GuardState:
             windows.append(self.config.limits.max_runs.per)
         return max(windows)
 
-    def rebuild(self, ledger: Callable[[datetime], list[TakenSlot]]) -> bool:
+    def gate(self, key: str, *, token: str, lease_s: float, ledger: Ledger) -> tuple[Gate, Transition]:
+        """May a run of breaker ``key`` start (``workers.breakers.Breakers.acquire``), the state
+        rebuilt from the ledger first if Redis lost it; ``unavailable`` if Redis is unreachable."""
+        try:
+            found = self.breakers.acquire(key, token=token, lease_s=lease_s)
+            if found[0] == "unavailable" and self.rebuild(ledger):
+                found = self.breakers.acquire(key, token=token, lease_s=lease_s)
+        except redis.RedisError as exc:
+            log.warning("guard_state_unreachable", error_type=type(exc).__name__)
+            return "unavailable", ""
+        return found
+
+    def record(
+        self, key: str, *, token: str, outcome: Outcome, threshold: int, cool_down_s: float
+    ) -> Recorded | None:
+        """Count an attempt's outcome on its breaker; None if Redis could not be reached (the
+        probe's lease then frees the breaker when it runs out)."""
+        try:
+            return self.breakers.record(
+                key, token=token, outcome=outcome, threshold=threshold, cool_down_s=cool_down_s
+            )
+        except redis.RedisError as exc:
+            log.warning("breaker_not_recorded", error_type=type(exc).__name__, outcome=outcome)
+            return None
+
+    def rebuild(self, ledger: Ledger) -> bool:
         """Write back every slot the ledger says is still held, then mark the state ready.
 
         One worker rebuilds at a time (a lock); the others find ``ready`` missing meanwhile and
@@ -188,8 +249,10 @@ class GuardState:
             seconds, micros = self.client.time()
             now_ms = seconds * 1000 + micros // 1000
             now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
-            taken = ledger(now - timedelta(seconds=self.longest_window_s()))
+            copy = ledger(now - timedelta(seconds=self.longest_window_s()))
+            taken = copy.slots
             pipe = self.client.pipeline(transaction=False)
+            self.breakers.restore(pipe, copy.breakers)
             rules = {rule.name: rule for rule in self.config.rules}
             limit = self.config.limits.max_runs
             for slot in taken:
@@ -210,7 +273,7 @@ class GuardState:
                     pipe.pexpire(self.key("budget", "global"), _ms(limit.per))
             pipe.set(self.key("ready"), now_ms)
             pipe.execute()
-            log.warning("guard_state_rebuilt", slots=len(taken))
+            log.warning("guard_state_rebuilt", slots=len(taken), breakers=len(copy.breakers))
             return True
         finally:
             self.client.delete(self.key("rebuild"))

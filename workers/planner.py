@@ -375,7 +375,14 @@ def _admit(
             log.info("run_already_planned", event_id=one.event.id, rule=plan.rule, run_id=admission.run_id)
             continue
         if admission.reason == "budget":
-            causes.append(Cause(admission.run_id, plan.rule, admission.slot == "budget_global", one.event))
+            cause = budget_cause(
+                admission.run_id,
+                plan.rule,
+                one.event,
+                config,
+                global_budget=admission.slot == "budget_global",
+            )
+            causes.extend([cause] if cause else [])
         log.info(
             "run_planned",
             event_id=one.event.id,
@@ -396,50 +403,54 @@ def _admit(
 
 @dataclass(frozen=True)
 class Cause:
-    """A run a budget refused: what an escalation is about."""
+    """What an escalation is about: a run a budget refused, or whose breaker it opened."""
 
     run_id: str
     rule: str
-    global_budget: bool
+    reason: str  # budget, breaker_open
+    # At most one escalation per key, across all workers and redeliveries.
+    key: str
+    detail: str
     event: AlertEvent | Row[Any]
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def budget_cause(
+    run_id: str, rule: str, event: AlertEvent | Row[Any], config: ResponderConfig, *, global_budget: bool
+) -> Cause | None:
+    """The cause of a budget's escalation: keyed by the budget and its window number, so one
+    per window however many alerts it refused."""
+    found = config.rule(rule)
+    budget = config.limits.max_runs if global_budget else (found.max_runs if found else None)
+    if budget is None:
+        return None
+    scope = "*" if global_budget else rule
+    detail = f"{'all rules' if global_budget else 'rule ' + rule}: budget of {budget.count} runs per {budget.per:g}s reached"
+    key = f"budget:{scope}:{int(time.time() // budget.per)}"
+    return Cause(run_id, rule, "budget", key, detail, event, {"count": budget.count, "per_s": budget.per})
 
 
 def escalate(
     session: Session, causes: Sequence[Cause], config: ResponderConfig, guards: GuardState | None
 ) -> list[tuple[str, float]]:
-    """Admit the ``escalation`` run for budgets that refused runs: one per rule (or for the
-    global budget) and window, however many alerts it refused; returns the queued runs.
+    """Admit the config's ``escalation`` run for each cause key not escalated yet; returns the
+    queued runs (published by the caller after its commit).
 
-    The escalation is a run of its own (trigger ``escalation``), linked to the first run it is
-    about (``parent_run_id``) and to that run's alert; its dedupe key holds the budget and the
-    window (``escalation:budget:{rule or *}:{window number}``), so it is at most once per window
-    across all workers and redeliveries. Its templates see ``escalation`` (``reason``, ``rule``,
-    ``detail``, ``run_id``, ``count``, ``per_s``) besides the alert.
+    The escalation is a run of its own (trigger ``escalation``), linked to the run it is about
+    (``parent_run_id``) and to that run's alert; its dedupe key is ``escalation:{cause key}``
+    (a budget and its window number; a breaker and the moment it opened). Its templates see
+    ``escalation`` (``reason``, ``rule``, ``detail``, ``run_id``, and ``count``, ``per_s`` for a
+    budget) besides the alert.
     """
     if config.escalation is None or not causes:
         return []
-    now = time.time()
     requests: list[RunRequest] = []
     for cause in causes:
         rule = config.rule(cause.rule)
-        budget = config.limits.max_runs if cause.global_budget else (rule.max_runs if rule else None)
-        if rule is None or budget is None:
+        if rule is None or any(request.idempotency_key == cause.key for request in requests):
             continue
-        scope = "*" if cause.global_budget else rule.name
-        key = f"budget:{scope}:{int(now // budget.per)}"
-        if any(request.idempotency_key == key for request in requests):
-            continue
-        detail = f"{'all rules' if cause.global_budget else 'rule ' + rule.name}: budget of {budget.count} runs per {budget.per:g}s reached"
-        extra = {
-            "escalation": {
-                "reason": "budget",
-                "rule": rule.name,
-                "detail": detail,
-                "run_id": cause.run_id,
-                "count": budget.count,
-                "per_s": budget.per,
-            }
-        }
+        facts = {"reason": cause.reason, "rule": rule.name, "detail": cause.detail, "run_id": cause.run_id}
+        extra = {"escalation": {**facts, **cause.facts}}
         plan = plan_rule(rule, event_alert(cause.event), config, trigger="escalation", extra=extra)
         requests.append(
             RunRequest(
@@ -455,21 +466,20 @@ def escalate(
                 event_id=cause.event.id,
                 fingerprint=cause.event.fingerprint,
                 starts_at=cause.event.starts_at,
-                idempotency_key=key,
+                idempotency_key=cause.key,
                 parent_run_id=cause.run_id,
             )
         )
     queued: list[tuple[str, float]] = []
-    for request, admission in zip(
-        requests, admit(session, requests, published=True, guards=guards), strict=True
-    ):
+    admissions = admit(session, requests, published=True, guards=guards)
+    for request, admission in zip(requests, admissions, strict=True):
         if admission.created:
             log.warning(
                 "escalation_admitted",
                 run_id=admission.run_id,
                 cause_run_id=request.parent_run_id,
                 rule=request.rule,
-                reason="budget",
+                reason=(request.idempotency_key or "").split(":", 1)[0],
                 status=admission.status.value,
                 error=request.error,
             )

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
+from sqlalchemy import Row, update
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from remediations import (
     RemediationError,
@@ -27,11 +29,16 @@ from remediations import (
     registered,
 )
 from workers import leases, telemetry
+from workers.breakers import Outcome as BreakerOutcome
+from workers.breakers import Transition, breaker_key
 from workers.config import ResponderConfig
-from workers.ledger import attempts
+from workers.guardstate import GuardState, from_ledger
+from workers.ledger import attempts, repository
 from workers.ledger.attempts import ClaimedRun
 from workers.ledger.db import transaction
-from workers.planner import event_alert
+from workers.ledger.models import BREAKERS, utcnow
+from workers.planner import Cause, escalate, event_alert
+from workers.publishing import Publisher, publish_runs
 from workers.resilience import attempt_policy, ledger_retrying
 from workers.settings import Settings
 from workers.templating import RenderError, renderer, template_context
@@ -49,6 +56,18 @@ class Execution:
     timeout_s: float = 0.0
     attempt: int = 0
     retry_in_s: float = 0.0
+    # How the attempt counts for its circuit breaker, and its error.
+    breaker: BreakerOutcome = "neutral"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A breaker this delivery passed: its key, and whether this attempt is the half-open probe."""
+
+    key: str
+    probe: bool
+    transition: Transition
 
 
 def worker_name() -> str:
@@ -124,8 +143,38 @@ def _finish(settings: Settings, **values: Any) -> bool:
         return False
 
 
-def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderConfig) -> Execution:
-    """Run one attempt of ``run_id`` if it is due; record it and say what comes next."""
+def execute(
+    *,
+    run_id: str,
+    task_id: str,
+    settings: Settings,
+    config: ResponderConfig,
+    guards: GuardState | None = None,
+    publisher: Publisher | None = None,
+) -> Execution:
+    """Run one attempt of ``run_id`` if it is due; record it and say what comes next.
+
+    With ``guards`` the attempt passes its (remediation, target) circuit breaker first
+    (``workers.breakers``), and its outcome is counted on it; an escalation for a breaker that
+    opened is published with ``publisher``.
+    """
+    held: list[_Held] = []
+
+    def gate(session: Session, run: Row[Any]) -> Literal["breaker_open", "guard_state_unavailable"] | None:
+        if guards is None:
+            return None
+        key = breaker_key(run.remediation, run.target)
+        lease_s = run.timeout_s + settings.hard_limit_margin_s + settings.lease_s
+        verdict, transition = guards.gate(key, token=task_id, lease_s=lease_s, ledger=from_ledger(session))
+        if verdict == "open":
+            return "breaker_open"
+        if verdict == "unavailable":
+            if run.destructive or config.limits.non_destructive_without_guard_state == "skip":
+                return "guard_state_unavailable"
+            return None
+        held.append(_Held(key, verdict == "probe", transition))
+        return None
+
     with transaction(settings.database_url) as session:
         claim = attempts.claim_run(
             session,
@@ -135,9 +184,10 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
             max_attempts=settings.max_attempts,
             lease_s=settings.lease_s,
             disabled_rules=config.disabled_rules,
+            gate=gate,
         )
     run = claim.run
-    if claim.kind in ("paused", "disabled", "resolved"):
+    if claim.kind in ("paused", "disabled", "resolved", "breaker_open", "guard_state_unavailable"):
         telemetry.count_decision("skipped", claim.kind)
     if claim.kind != "run" or run is None or claim.attempt_id is None:
         log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
@@ -145,11 +195,112 @@ def execute(*, run_id: str, task_id: str, settings: Settings, config: ResponderC
     telemetry.bind(rule=run.rule, remediation=run.remediation, fingerprint=run.fingerprint, target=run.target)
     if claim.abandoned:
         log.warning("attempts_abandoned", attempts=claim.abandoned)
-    log.info("attempt_started", attempt=claim.number)
+    log.info("attempt_started", attempt=claim.number, probe=bool(held and held[0].probe))
+    if held and held[0].transition == "half_opened":
+        _breaker_moved(run, held[0].key, "half_open", settings, config, failures=None, error=None)
     with leases.kept(
         url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s
     ) as lease:
-        return _run_and_record(run, config, settings, claim.attempt_id, claim.number, lease.cancelled)
+        execution = _run_and_record(run, config, settings, claim.attempt_id, claim.number, lease.cancelled)
+    if held and guards is not None:
+        _count_on_breaker(run, held[0], execution, task_id, settings, config, guards, publisher)
+    return execution
+
+
+def _count_on_breaker(
+    run: ClaimedRun,
+    held: _Held,
+    execution: Execution,
+    token: str,
+    settings: Settings,
+    config: ResponderConfig,
+    guards: GuardState,
+    publisher: Publisher | None,
+) -> None:
+    """Count the attempt on its breaker; record a transition or a counted failure in the ledger,
+    and escalate a breaker that opened."""
+    breaker = config.breaker_of(run.rule)
+    recorded = guards.record(
+        held.key,
+        token=token,
+        outcome=execution.breaker,
+        threshold=breaker.failures,
+        cool_down_s=breaker.cool_down_s,
+    )
+    if recorded is None or not (recorded.transition or execution.breaker == "failure"):
+        return
+    state = "open" if recorded.transition in ("opened", "reopened") else "closed"
+    queued = _breaker_moved(
+        run,
+        held.key,
+        state,
+        settings,
+        config,
+        failures=recorded.failures,
+        error=execution.error,
+        guards=guards,
+    )
+    if recorded.transition:
+        telemetry.count_breaker_transition(run.remediation, recorded.transition)
+        level = log.info if recorded.transition == "closed" else log.warning
+        level(
+            f"breaker_{recorded.transition}", breaker=held.key, failures=recorded.failures, probe=held.probe
+        )
+    if queued and publisher is not None:
+        publish_runs(queued, settings=settings, publisher=publisher, marked=True)
+
+
+def _breaker_moved(
+    run: ClaimedRun,
+    key: str,
+    state: str,
+    settings: Settings,
+    config: ResponderConfig,
+    *,
+    failures: int | None,
+    error: str | None,
+    guards: GuardState | None = None,
+) -> list[tuple[str, float]]:
+    """Keep the ledger's copy of a breaker; an opening escalates (once per opening)."""
+    breaker = config.breaker_of(run.rule)
+    now = utcnow()
+    queued: list[tuple[str, float]] = []
+    try:
+        with transaction(settings.database_url) as session:
+            if failures is None:  # half-open: only the state moves
+                session.execute(
+                    update(BREAKERS).where(BREAKERS.c.key == key).values(state=state, updated_at=now)
+                )
+                return []
+            repository.save_breaker(
+                session,
+                key=key,
+                remediation=run.remediation,
+                target=run.target,
+                state=state,
+                failures=failures,
+                opened_at=now if state == "open" else None,
+                cool_down_s=breaker.cool_down_s,
+                error=error,
+            )
+            if state == "open" and run.rule and run.event is not None:
+                detail = (
+                    f"breaker of {run.remediation} on {run.target or '(no target)'} opened after "
+                    f"{failures} consecutive failures; closed again by a successful probe after "
+                    f"{breaker.cool_down_s:g}s"
+                )
+                cause = Cause(
+                    run.id,
+                    run.rule,
+                    "breaker_open",
+                    f"breaker:{key}:{now.timestamp():.3f}",
+                    detail,
+                    run.event,
+                )
+                queued = escalate(session, [cause], config, guards)
+    except SQLAlchemyError as exc:
+        log.warning("breaker_not_saved", error_type=type(exc).__name__, state=state)
+    return queued
 
 
 def _run_and_record(
@@ -186,14 +337,20 @@ def _run_and_record(
             retry=retry,
             exc_info=not isinstance(exc, (ResponderError, SoftTimeLimitExceeded)),
         )
+        # Counted on the breaker: what another attempt could have changed (not a refusal or a bug).
+        counted: BreakerOutcome = (
+            "failure" if isinstance(exc, (TransientError, SoftTimeLimitExceeded)) else "neutral"
+        )
         if not retry:
-            return Execution("failed", attempt=number)
+            return Execution("failed", attempt=number, breaker=counted, error=error)
         retry_after = exc.retry_after if isinstance(exc, TransientError) else None
         return Execution(
             "retry",
             timeout_s=run.timeout_s,
             attempt=number,
             retry_in_s=policy.delay(number, retry_after=retry_after),
+            breaker=counted,
+            error=error,
         )
     owned = _finish(
         settings,
@@ -208,4 +365,4 @@ def _run_and_record(
         log.warning("attempt_superseded", attempt=number, late_outcome="succeeded")
         return Execution("skipped", attempt=number)
     log.info("remediation_succeeded", attempt=number, summary=result.summary)
-    return Execution("succeeded", attempt=number)
+    return Execution("succeeded", attempt=number, breaker="success")

@@ -127,7 +127,15 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
     settings = get_settings()
     task_id = self.request.id or run_id
     try:
-        execution = runner.execute(run_id=run_id, task_id=task_id, settings=settings, config=_config())
+        config = _config()
+        execution = runner.execute(
+            run_id=run_id,
+            task_id=task_id,
+            settings=settings,
+            config=config,
+            guards=guard_state(settings, config),
+            publisher=_publisher(),
+        )
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
         raise

@@ -144,3 +144,15 @@ DECISIONS = Counter(
 def count_decision(status: str, reason: str | None) -> None:
     """Count one guard decision: its reason, or the status when no guard held (``queued``)."""
     DECISIONS.labels(decision=reason or status).inc()
+
+
+BREAKER_TRANSITIONS = Counter(
+    "responder_breaker_transitions_total",
+    "Circuit breaker transitions, by remediation and transition (opened, reopened, closed).",
+    ["remediation", "transition"],
+)
+
+
+def count_breaker_transition(remediation: str, transition: str) -> None:
+    """Count one breaker transition (the target is left out: its values are unbounded)."""
+    BREAKER_TRANSITIONS.labels(remediation=remediation, transition=transition).inc()

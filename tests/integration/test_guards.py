@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.helpers import alert_payload
@@ -275,3 +276,95 @@ def test_redis_emptied_keeps_a_cooldown_from_the_ledger(
     assert stack.count("worker", "guard_state_rebuilt") >= 1
     stack.wait_reconcile_passes(2)
     assert [c.path for c in stack.target.calls] == ["/flap/keep"]
+
+
+def test_breaker_shared_by_two_workers_opens_probes_once_and_closes(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """Two worker processes, one target behind one breaker (3 failures, 3 s cool-down): three
+    failing calls open it (one page), the next alerts are refused; in half-open exactly one probe
+    reaches the target while five other runs are refused; its success closes the breaker."""
+    stack = stack_factory(
+        tmp=tmp_path,
+        database_url=ledger_url,
+        extra_rules=[
+            {
+                "name": "breaking",
+                "match": ['alertname="ResponderBreak"'],
+                "remediation": "http_request",
+                "target": "svc-restart",
+                "breaker": {"failures": 3, "cool_down": "3s"},
+                "params": {"url": "http://127.0.0.1:{target}/break/{{ labels.instance }}"},
+            }
+        ],
+        extra_config={
+            "escalation": {
+                "remediation": "http_request",
+                "params": {
+                    "url": "http://127.0.0.1:{target}/page",
+                    "json": {"text": "{{ escalation.detail }}"},
+                },
+            }
+        },
+        overrides={"RESPONDER_MAX_ATTEMPTS": "1"},
+    )
+    stack.start_receiver()
+    stack.start_worker(concurrency=1)
+    stack.start_worker("worker2", queues="remediations", concurrency=1)
+    stack.start_beat()
+    stack.target.status = 503
+
+    def runs() -> list[dict[str, Any]]:
+        return [r for r in stack.runs(rule="breaking", limit="100") if r["trigger"] == "alert"]
+
+    def finished() -> int:
+        return len([r for r in runs() if r["status"] in ("failed", "skipped")])
+
+    for n in range(5):  # one at a time, so that each sees the failures before it
+        stack.post(alert_payload("ResponderBreak", instance=f"f{n}"))
+
+        def past(done: int = n) -> bool:
+            return finished() > done
+
+        wait_for(past, timeout=30, what=f"run {n} to finish")
+    first = sorted((r["status"], r["skip_reason"] or "") for r in runs())
+    assert first == [("failed", "")] * 3 + [("skipped", "breaker_open")] * 2
+    failing_calls = len([c for c in stack.target.calls if c.path.startswith("/break/")])
+    workers = {a["worker"] for r in runs() for a in r["attempts"]}
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    (breaker,) = httpx.get(f"{stack.base_url}/api/v1/breakers", headers=headers, timeout=10).json()[
+        "breakers"
+    ]
+    assert (breaker["state"], breaker["failures"], breaker["target"]) == ("open", 3, "svc-restart")
+    wait_for(lambda: [c.path for c in stack.target.calls].count("/page") == 1, timeout=30, what="the page")
+
+    stack.target.status = 200
+    stack.target.delay_s = 2.0  # the probe is still in flight while the others ask
+    probe_after = datetime.fromisoformat(breaker["probe_after"])
+    wait_for(lambda: datetime.now(probe_after.tzinfo) > probe_after, timeout=10, what="the cool-down")
+    burst = alert_payload("ResponderBreak", instance="h0")
+    burst["alerts"] = [alert_payload("ResponderBreak", instance=f"h{i}")["alerts"][0] for i in range(6)]
+    assert stack.post(burst).status_code == 202
+    wait_for(
+        lambda: len([r for r in runs() if r["status"] in ("succeeded", "skipped", "failed")]) == 11,
+        timeout=30,
+        what="the six half-open runs to finish",
+    )
+    half_open = [r for r in runs() if r["params"]["url"].rsplit("/", 1)[1].startswith("h")]
+    probes = [c for c in stack.target.calls if c.path.startswith("/break/h")]
+    print(
+        f"BREAKER [{ledger_url.split(':')[0]}]: failures to open 3 (calls {failing_calls}, workers {len(workers)}); "
+        f"half-open runs 6, probes {len(probes)}, refused {sum(r['skip_reason'] == 'breaker_open' for r in half_open)}"
+    )
+    assert len(probes) == 1
+    assert sorted(r["status"] for r in half_open) == ["skipped"] * 5 + ["succeeded"]
+    stack.target.delay_s = 0.0
+    stack.post(alert_payload("ResponderBreak", instance="after"))
+    wait_for(
+        lambda: any(c.path == "/break/after" for c in stack.target.calls),
+        timeout=30,
+        what="a run after closing",
+    )
+    (closed,) = httpx.get(f"{stack.base_url}/api/v1/breakers", headers=headers, timeout=10).json()["breakers"]
+    assert (closed["state"], closed["failures"]) == ("closed", 0)
+    assert failing_calls == 3 and [c.path for c in stack.target.calls].count("/page") == 1

@@ -15,7 +15,7 @@ from workers.admission import decide
 from workers.alerts import WebhookPayload
 from workers.config import Budget, ResponderConfig
 from workers.dev import EmbeddedRedis
-from workers.guardstate import GuardState, Slot, TakenSlot, group_key
+from workers.guardstate import GuardState, LedgerCopy, Slot, TakenSlot, group_key
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import Run, utcnow
@@ -60,8 +60,8 @@ def state(redis_server: EmbeddedRedis) -> GuardState:
     return GuardState(client, prefix=f"test:{uuid.uuid4().hex}:", config=config())
 
 
-def nothing_in_ledger(_since: datetime) -> list[TakenSlot]:
-    return []
+def nothing_in_ledger(_since: datetime) -> LedgerCopy:
+    return LedgerCopy()
 
 
 def slot(member: str, *, rule: str = "cooled", group: str = "g", cooldown: float | None = 900) -> Slot:
@@ -102,15 +102,15 @@ def test_state_lost_is_rebuilt_from_the_ledger_before_deciding(state: GuardState
     state.client.flushdb()
     asked: list[datetime] = []
 
-    def ledger(since: datetime) -> list[TakenSlot]:
+    def ledger(since: datetime) -> LedgerCopy:
         asked.append(since)
-        return held
+        return LedgerCopy(held)
 
     assert state.take([slot("newcomer"), slot("holder")], ledger=ledger) == ["cooldown", "ok"]
     assert len(asked) == 1 and utcnow() - asked[0] > timedelta(minutes=59)  # the longest window, 1h
     expired = [TakenSlot("old", "cooled", "h", utcnow() - timedelta(minutes=20))]
     state.client.flushdb()
-    assert state.take([slot("new", group="h")], ledger=lambda _since: expired) == ["ok"]
+    assert state.take([slot("new", group="h")], ledger=lambda _since: LedgerCopy(expired)) == ["ok"]
 
 
 def test_unreachable_state_is_unavailable_and_refuses_destructive_runs() -> None:

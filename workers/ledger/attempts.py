@@ -7,7 +7,7 @@ clock (``db.db_now``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -54,7 +54,7 @@ _ATTEMPTS_OF_RUN = (
 _INSERT_ATTEMPT = insert(ATTEMPTS).returning(ATTEMPTS.c.id)
 _EVENT_OF_RUN = (
     select(EVENTS.c.status, EVENTS.c.labels, EVENTS.c.annotations, EVENTS.c.starts_at, EVENTS.c.ends_at)
-    .add_columns(EVENTS.c.generator_url, EVENTS.c.fingerprint)
+    .add_columns(EVENTS.c.generator_url, EVENTS.c.fingerprint, EVENTS.c.id)
     .where(EVENTS.c.id == bindparam("event_key"))
 )
 
@@ -137,7 +137,21 @@ def renew_lease(session: Session, attempt_id: int, *, now: datetime, lease_s: fl
     )
 
 
-ClaimKind = Literal["run", "missing", "finished", "busy", "exhausted", "resolved", "paused", "disabled"]
+ClaimKind = Literal[
+    "run",
+    "missing",
+    "finished",
+    "busy",
+    "exhausted",
+    "resolved",
+    "paused",
+    "disabled",
+    "breaker_open",
+    "guard_state_unavailable",
+]
+# Asked as an attempt is about to open (the run's row in hand): None lets it go, or the reason it
+# may not (the runner's circuit breaker).
+ClaimGate = Callable[[Session, Row[Any]], Literal["breaker_open", "guard_state_unavailable"] | None]
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,7 @@ def claim_run(
     max_attempts: int,
     lease_s: float,
     disabled_rules: frozenset[str] = frozenset(),
+    gate: ClaimGate | None = None,
 ) -> Claim:
     """Open the next attempt of a run, or say why not; one attempt at a time per run.
 
@@ -183,7 +198,8 @@ def claim_run(
     within its lease is still running somewhere: this delivery is ``busy`` and does nothing.
     The admission guards that can change while a run is queued are checked again (in their
     order): a pause that began, a rule since disabled, an episode that resolved meanwhile: the
-    run is not started (``skipped``, or ``cancelled`` after an earlier attempt). Every status change is
+    run is not started (``skipped``, or ``cancelled`` after an earlier attempt); last, ``gate``
+    (the circuit breaker) may refuse it the same way. Every status change is
     a compare-and-set (the run's row is also locked on PostgreSQL); the lease is set on the
     ledger's clock.
     """
@@ -216,6 +232,8 @@ def claim_run(
         refused = "disabled"
     elif run.trigger == "alert" and run.fingerprint and run.starts_at and run.resolved:
         refused = "resolved"
+    if refused is None and len(tried) < max_attempts and gate is not None:
+        refused = gate(session, run)
     if refused is not None:
         to = RunStatus.CANCELLED if tried else RunStatus.SKIPPED
         transition_run(session, run_id, to, expect=[RunStatus.QUEUED], skip_reason=refused)

@@ -185,8 +185,26 @@ class Pause(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class BreakerRecord(Base):
+    """A circuit breaker's state as of its last transition or counted failure (Redis decides;
+    this copy survives Redis losing its memory, and is what the breakers API lists)."""
+
+    __tablename__ = "breakers"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    remediation: Mapped[str] = mapped_column(String(100))
+    target: Mapped[str | None] = mapped_column(String(500))
+    state: Mapped[str] = mapped_column(String(16))
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    opened_at: Mapped[datetime | None]
+    cool_down_s: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # The tables, for Core statements where the ORM costs more than the statement (hot paths).
 EVENTS = cast(Table, AlertEvent.__table__)
 RUNS = cast(Table, Run.__table__)
 ATTEMPTS = cast(Table, Attempt.__table__)
 PAUSES = cast(Table, Pause.__table__)
+BREAKERS = cast(Table, BreakerRecord.__table__)

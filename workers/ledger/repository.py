@@ -13,7 +13,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers.alerts import Alert
-from workers.ledger.models import EVENTS, PAUSES, RUNS, AlertEvent, Pause, Run, utcnow
+from workers.ledger.models import (
+    BREAKERS,
+    EVENTS,
+    PAUSES,
+    RUNS,
+    AlertEvent,
+    BreakerRecord,
+    Pause,
+    Run,
+    utcnow,
+)
 from workers.ledger.states import RunStatus
 
 INSERT_CHUNK = 500
@@ -411,6 +421,47 @@ def slots_since(session: Session, since: datetime) -> list[tuple[str, str, str, 
         )
     )
     return [(key, rule, group, at) for key, rule, group, at in rows]
+
+
+def save_breaker(
+    session: Session,
+    *,
+    key: str,
+    remediation: str,
+    target: str | None,
+    state: str,
+    failures: int,
+    opened_at: datetime | None,
+    cool_down_s: float,
+    error: str | None,
+) -> None:
+    """Record a breaker's state after a transition or a counted failure (insert or update)."""
+    values = {
+        "remediation": remediation,
+        "target": target,
+        "state": state,
+        "failures": failures,
+        "opened_at": opened_at,
+        "cool_down_s": cool_down_s,
+        "last_error": error[:2000] if error else None,
+        "updated_at": utcnow(),
+    }
+    statement = _insert(session, BREAKERS).values(key=key, **values)
+    if opened_at is None:  # a failure counted or a close: the time it last opened stays
+        del values["opened_at"]
+    session.execute(statement.on_conflict_do_update(index_elements=["key"], set_=values))
+
+
+def list_breakers(session: Session, *, state: str | None = None, limit: int = 500) -> list[BreakerRecord]:
+    """Breakers the ledger knows, not-closed first, then most recently changed."""
+    statement = (
+        select(BreakerRecord)
+        .order_by((BreakerRecord.state == "closed"), BreakerRecord.updated_at.desc())
+        .limit(limit)
+    )
+    if state is not None:
+        statement = statement.where(BreakerRecord.state == state)
+    return list(session.scalars(statement))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Guards: waiting runs with a due time (grace periods), cooldown and budget slots, and the
-pause switch's history.
+pause switch's history, and circuit breakers' states.
 
 Revision ID: 0003
 Revises: 0002
@@ -20,7 +20,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add ``runs.not_before`` (indexed with the status), the slot columns and ``pauses``."""
+    """Add ``runs.not_before`` (indexed with the status), the slot columns, ``pauses`` and
+    ``breakers``."""
     with op.batch_alter_table("runs") as batch:
         batch.add_column(sa.Column("not_before", UTCDateTime(), nullable=True))
         batch.add_column(sa.Column("guard_key", sa.String(64), nullable=True))
@@ -35,10 +36,23 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("at", UTCDateTime(), nullable=False),
     )
+    op.create_table(
+        "breakers",
+        sa.Column("key", sa.String(32), primary_key=True),
+        sa.Column("remediation", sa.String(100), nullable=False),
+        sa.Column("target", sa.String(500), nullable=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("failures", sa.Integer(), nullable=False),
+        sa.Column("opened_at", UTCDateTime(), nullable=True),
+        sa.Column("cool_down_s", sa.Float(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+    )
 
 
 def downgrade() -> None:
     """Back to 0002 (the pause history is dropped; waiting runs stay in their status)."""
+    op.drop_table("breakers")
     op.drop_table("pauses")
     with op.batch_alter_table("runs") as batch:
         batch.drop_index("ix_runs_slot_at")
