@@ -42,11 +42,13 @@ class Call:
 
 
 class TargetServer:
-    """The endpoint remediations call: records every request; answers ``status`` after ``delay_s``."""
+    """The endpoint remediations call: records every request; answers ``status`` (or the status
+    of the longest matching prefix in ``path_status``) after ``delay_s``."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.status = 200
+        self.path_status: dict[str, int] = {}
         self.delay_s = 0.0
         target = self
 
@@ -55,7 +57,8 @@ class TargetServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 target.calls.append(Call(self.command, self.path, self.rfile.read(length), time.time()))
                 time.sleep(target.delay_s)
-                self.send_response(target.status)
+                prefixes = sorted((p for p in target.path_status if self.path.startswith(p)), key=len)
+                self.send_response(target.path_status[prefixes[-1]] if prefixes else target.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import structlog
 import structlog.tracebacks
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 SECRET_KEY = re.compile(
     r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I
@@ -146,6 +146,11 @@ def count_decision(status: str, reason: str | None) -> None:
     DECISIONS.labels(decision=reason or status).inc()
 
 
+BREAKER_STATE = Gauge(
+    "responder_breaker_state",
+    "Circuit breakers by remediation and state (closed, open, half_open), from the ledger at scrape time.",
+    ["remediation", "state"],
+)
 BREAKER_TRANSITIONS = Counter(
     "responder_breaker_transitions_total",
     "Circuit breaker transitions, by remediation and transition (opened, reopened, closed).",

@@ -66,14 +66,17 @@ def test_duplicates_and_concurrent_duplicates_run_once(stack: Stack) -> None:
 
 
 def test_concurrent_first_deliveries_run_once(stack: Stack) -> None:
-    """Twenty simultaneous first deliveries (HA pairs, retries): one accepted, one run."""
-    payload = json.dumps(alert_payload("ResponderProbe", instance="race-1")).encode()
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        responses = list(pool.map(lambda _: stack.post(payload), range(20)))
-    assert [r.status_code for r in responses] == [202] * 20
+    """Fifty simultaneous first deliveries of one alert from two senders (an HA pair: the same
+    alert, each its own externalURL), and retries: one accepted, one run, one call."""
+    raw = alert_payload("ResponderProbe", instance="race-1")
+    first = json.dumps(raw).encode()
+    second = json.dumps({**raw, "externalURL": "http://alertmanager-2:9093"}).encode()
+    with ThreadPoolExecutor(max_workers=25) as pool:
+        responses = list(pool.map(lambda i: stack.post(first if i % 2 else second), range(50)))
+    assert [r.status_code for r in responses] == [202] * 50
     assert sum(r.json()["alerts"][0]["result"] == "accepted" for r in responses) == 1
     stack.wait_run("succeeded", rule="probe-http")
-    time.sleep(2)
+    stack.wait_reconcile_passes(2)  # anything that would run twice has been sent again by now
     assert len(stack.runs()) == 1 and len(stack.target.calls) == 1
 
 

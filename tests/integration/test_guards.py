@@ -313,6 +313,7 @@ def test_breaker_shared_by_two_workers_opens_probes_once_and_closes(
     stack.start_worker("worker2", queues="remediations", concurrency=1)
     stack.start_beat()
     stack.target.status = 503
+    stack.target.path_status["/page"] = 200  # the pager works; the service does not
 
     def runs() -> list[dict[str, Any]]:
         return [r for r in stack.runs(rule="breaking", limit="100") if r["trigger"] == "alert"]
@@ -330,7 +331,6 @@ def test_breaker_shared_by_two_workers_opens_probes_once_and_closes(
     first = sorted((r["status"], r["skip_reason"] or "") for r in runs())
     assert first == [("failed", "")] * 3 + [("skipped", "breaker_open")] * 2
     failing_calls = len([c for c in stack.target.calls if c.path.startswith("/break/")])
-    workers = {a["worker"] for r in runs() for a in r["attempts"]}
     headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
     (breaker,) = httpx.get(f"{stack.base_url}/api/v1/breakers", headers=headers, timeout=10).json()[
         "breakers"
@@ -352,11 +352,17 @@ def test_breaker_shared_by_two_workers_opens_probes_once_and_closes(
     )
     half_open = [r for r in runs() if r["params"]["url"].rsplit("/", 1)[1].startswith("h")]
     probes = [c for c in stack.target.calls if c.path.startswith("/break/h")]
+    # Each process's deliveries: attempts it started, and runs it refused at the claim.
+    per_worker = {
+        name: stack.count(name, "attempt_started") + stack.count(name, "run_not_attempted")
+        for name in ("worker", "worker2")
+    }
     print(
-        f"BREAKER [{ledger_url.split(':')[0]}]: failures to open 3 (calls {failing_calls}, workers {len(workers)}); "
-        f"half-open runs 6, probes {len(probes)}, refused {sum(r['skip_reason'] == 'breaker_open' for r in half_open)}"
+        f"BREAKER [{ledger_url.split(':')[0]}]: failures to open 3 (failing calls {failing_calls}); "
+        f"half-open runs 6, probes {len(probes)}, refused "
+        f"{sum(r['skip_reason'] == 'breaker_open' for r in half_open)}; deliveries per worker {per_worker}"
     )
-    assert len(probes) == 1
+    assert len(probes) == 1 and all(per_worker.values())
     assert sorted(r["status"] for r in half_open) == ["skipped"] * 5 + ["succeeded"]
     stack.target.delay_s = 0.0
     stack.post(alert_payload("ResponderBreak", instance="after"))

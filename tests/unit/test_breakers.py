@@ -140,6 +140,9 @@ def test_breakers_api_lists_the_ledger_copy_and_resets_both(
             ("other", "closed"),
         ]
         assert listed[0]["probe_after"] is not None and listed[1]["probe_after"] is None
+        scrape = client.get("/metrics").text
+        assert 'responder_breaker_state{remediation="http_request",state="open"} 1.0' in scrape
+        assert 'responder_breaker_state{remediation="http_request",state="half_open"} 0.0' in scrape
         assert client.get("/api/v1/breakers?state=open", headers=headers).json()["breakers"][0]["key"] == key
         assert (
             client.post(f"/api/v1/breakers/{key}/reset", json={"by": "a"}, headers=headers).status_code == 422

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -462,6 +462,16 @@ def list_breakers(session: Session, *, state: str | None = None, limit: int = 50
     if state is not None:
         statement = statement.where(BreakerRecord.state == state)
     return list(session.scalars(statement))
+
+
+def breaker_counts(session: Session) -> dict[tuple[str, str], int]:
+    """How many breakers each remediation has in each state."""
+    rows = session.execute(
+        select(BreakerRecord.remediation, BreakerRecord.state, func.count()).group_by(
+            BreakerRecord.remediation, BreakerRecord.state
+        )
+    )
+    return {(remediation, state): count for remediation, state, count in rows}
 
 
 @dataclass(frozen=True)
