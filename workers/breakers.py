@@ -16,6 +16,12 @@ its ``ready`` sentinel (``workers.guardstate``): a Redis that lost its memory an
 table, which every transition and counted failure also updates. So an open breaker stays open
 through a Redis restart, and a destructive remediation is refused rather than run unguarded.
 
+The same acquire takes the target's concurrency slot (``{prefix}lock:{hash of target}``, a sorted
+set of the holders' tokens scored by lease expiry): a run that would pass the breaker but finds
+``concurrency`` runs already acting on its target is ``locked``, and neither the probe nor a slot
+is taken; ``record`` frees the slot. One script for both, so a run never holds one without the
+other, in one round trip.
+
 This module imports no config and no remediation: the receiver uses it to reset a breaker.
 """
 
@@ -27,32 +33,44 @@ from typing import Any, Literal
 
 import redis
 
-Gate = Literal["closed", "probe", "open", "unavailable"]
+Gate = Literal["closed", "probe", "open", "locked", "unavailable"]
 Outcome = Literal["success", "failure", "neutral"]
 Transition = Literal["", "opened", "closed", "reopened", "half_opened"]
 
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unavailable', ''} end
-local state = redis.call('HGET', KEYS[2], 'state')
-if not state or state == 'closed' then return {'closed', ''} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local token, lease = ARGV[1], tonumber(ARGV[2])
+local token, lease, slots = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HGET', KEYS[2], 'state') or 'closed'
+local gate, transition = 'closed', ''
 if state == 'open' then
   local opened = tonumber(redis.call('HGET', KEYS[2], 'opened_at') or '0')
   local cool = tonumber(redis.call('HGET', KEYS[2], 'cool_down_ms') or '0')
   if now < opened + cool then return {'open', ''} end
-  redis.call('HSET', KEYS[2], 'state', 'half_open', 'probe', token, 'probe_until', now + lease)
-  return {'probe', 'half_opened'}
+  gate, transition = 'probe', 'half_opened'
+elseif state == 'half_open' then
+  local probe = redis.call('HGET', KEYS[2], 'probe')
+  local probe_until = tonumber(redis.call('HGET', KEYS[2], 'probe_until') or '0')
+  if probe and probe ~= '' and probe ~= token and now < probe_until then return {'open', ''} end
+  gate = 'probe'
 end
-local probe = redis.call('HGET', KEYS[2], 'probe')
-local probe_until = tonumber(redis.call('HGET', KEYS[2], 'probe_until') or '0')
-if probe and probe ~= '' and probe ~= token and now < probe_until then return {'open', ''} end
-redis.call('HSET', KEYS[2], 'probe', token, 'probe_until', now + lease)
-return {'probe', ''}
+if slots > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if not redis.call('ZSCORE', KEYS[3], token) and redis.call('ZCARD', KEYS[3]) >= slots then
+    return {'locked', ''}
+  end
+  redis.call('ZADD', KEYS[3], now + lease, token)
+  redis.call('PEXPIRE', KEYS[3], lease)
+end
+if gate == 'probe' then
+  redis.call('HSET', KEYS[2], 'state', 'half_open', 'probe', token, 'probe_until', now + lease)
+end
+return {gate, transition}
 """
 
 _RECORD = """
+redis.call('ZREM', KEYS[2], ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local token, outcome = ARGV[1], ARGV[2]
@@ -100,6 +118,11 @@ def redis_key(prefix: str, key: str) -> str:
     return f"{prefix}breaker:{key}"
 
 
+def lock_key(prefix: str, target: str | None) -> str:
+    """The Redis sorted set of the runs holding a target's concurrency slots (by lease expiry)."""
+    return f"{prefix}lock:{hashlib.sha256((target or '').encode()).hexdigest()[:32]}"
+
+
 @dataclass(frozen=True)
 class Recorded:
     """What one attempt's outcome did to its breaker."""
@@ -128,21 +151,33 @@ class Breakers:
         self._acquire = client.register_script(_ACQUIRE)
         self._record = client.register_script(_RECORD)
 
-    def acquire(self, key: str, *, token: str, lease_s: float) -> tuple[Gate, Transition]:
+    def acquire(
+        self, key: str, *, token: str, lease_s: float, target: str | None = None, slots: int = 0
+    ) -> tuple[Gate, Transition]:
         """May a run go? ``closed``; ``probe`` (this run is the half-open probe); ``open``
-        (refused); ``unavailable`` (the state must be rebuilt first). Raises RedisError."""
+        (refused); ``locked`` (``slots`` runs already hold ``target``'s concurrency slots);
+        ``unavailable`` (the state must be rebuilt first). A run that may go holds one of the
+        target's slots (with ``slots`` > 0) until ``record`` or its lease ends. Raises RedisError."""
         gate, transition = self._acquire(
-            keys=[self.prefix + "ready", redis_key(self.prefix, key)],
-            args=[token, max(1, round(lease_s * 1000))],
+            keys=[self.prefix + "ready", redis_key(self.prefix, key), lock_key(self.prefix, target)],
+            args=[token, max(1, round(lease_s * 1000)), slots],
         )
         return _text(gate), _text(transition)  # type: ignore[return-value]
 
     def record(
-        self, key: str, *, token: str, outcome: Outcome, threshold: int, cool_down_s: float
+        self,
+        key: str,
+        *,
+        token: str,
+        outcome: Outcome,
+        threshold: int,
+        cool_down_s: float,
+        target: str | None = None,
     ) -> Recorded:
-        """Count one attempt's outcome; returns the transition it caused. Raises RedisError."""
+        """Count one attempt's outcome and free its slot of ``target``; returns the transition
+        it caused. Raises RedisError."""
         transition, failures = self._record(
-            keys=[redis_key(self.prefix, key)],
+            keys=[redis_key(self.prefix, key), lock_key(self.prefix, target)],
             args=[token, outcome, threshold, max(1, round(cool_down_s * 1000))],
         )
         return Recorded(_text(transition), int(failures))  # type: ignore[arg-type]

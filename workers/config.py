@@ -119,6 +119,11 @@ class Rule(BaseModel):
     max_runs: Budget | None = None
     # This rule's breakers (default: the config's ``breaker``).
     breaker: Breaker | None = None
+    # At most ``concurrency`` runs act on one target at a time (across rules and workers); a run
+    # that finds them all taken waits up to ``lock_wait`` (re-delivered, not blocking a worker)
+    # and is then skipped (``locked``).
+    concurrency: int = Field(default=1, ge=1, le=1000)
+    lock_wait_s: Duration | None = Field(default=None, alias="lock_wait", le=3600.0)
     _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import redis
 from sqlalchemy.orm import Session
 
 from workers import telemetry
-from workers.breakers import Breakers, BreakerState, Gate, Outcome, Recorded, Transition
+from workers.breakers import Breakers, BreakerState, Gate, Outcome, Recorded, Transition, lock_key
 from workers.config import Budget, ResponderConfig, Rule
 from workers.ledger import repository
 from workers.settings import Settings
@@ -77,6 +78,7 @@ return 'ok'
 """
 
 REBUILD_LOCK_MS = 30_000
+REBUILD_WAIT_S = 5.0
 
 
 def _ms(seconds: float) -> int:
@@ -126,6 +128,8 @@ class LedgerCopy:
 
     slots: list[TakenSlot] = field(default_factory=list)
     breakers: list[BreakerState] = field(default_factory=list)
+    # Attempts running now: (target, their run's id, when its slot's lease ends).
+    locks: list[tuple[str, str, datetime]] = field(default_factory=list)
 
 
 Ledger = Callable[[datetime], LedgerCopy]
@@ -146,7 +150,7 @@ def from_ledger(session: Session) -> Ledger:
             )
             for b in repository.list_breakers(session, limit=100_000)
         ]
-        return LedgerCopy(slots, breakers)
+        return LedgerCopy(slots, breakers, repository.running_targets(session))
 
     return read
 
@@ -209,26 +213,43 @@ class GuardState:
             windows.append(self.config.limits.max_runs.per)
         return max(windows)
 
-    def gate(self, key: str, *, token: str, lease_s: float, ledger: Ledger) -> tuple[Gate, Transition]:
-        """May a run of breaker ``key`` start (``workers.breakers.Breakers.acquire``), the state
-        rebuilt from the ledger first if Redis lost it; ``unavailable`` if Redis is unreachable."""
+    def gate(
+        self,
+        key: str,
+        *,
+        token: str,
+        lease_s: float,
+        ledger: Ledger,
+        target: str | None = None,
+        slots: int = 0,
+    ) -> tuple[Gate, Transition]:
+        """May a run of breaker ``key`` start, holding one of ``target``'s ``slots``
+        (``workers.breakers.Breakers.acquire``)? The state is rebuilt from the ledger first if
+        Redis lost it; ``unavailable`` if Redis is unreachable."""
         try:
-            found = self.breakers.acquire(key, token=token, lease_s=lease_s)
+            found = self.breakers.acquire(key, token=token, lease_s=lease_s, target=target, slots=slots)
             if found[0] == "unavailable" and self.rebuild(ledger):
-                found = self.breakers.acquire(key, token=token, lease_s=lease_s)
+                found = self.breakers.acquire(key, token=token, lease_s=lease_s, target=target, slots=slots)
         except redis.RedisError as exc:
             log.warning("guard_state_unreachable", error_type=type(exc).__name__)
             return "unavailable", ""
         return found
 
     def record(
-        self, key: str, *, token: str, outcome: Outcome, threshold: int, cool_down_s: float
+        self,
+        key: str,
+        *,
+        token: str,
+        outcome: Outcome,
+        threshold: int,
+        cool_down_s: float,
+        target: str | None = None,
     ) -> Recorded | None:
-        """Count an attempt's outcome on its breaker; None if Redis could not be reached (the
-        probe's lease then frees the breaker when it runs out)."""
+        """Count an attempt's outcome on its breaker and free its slot of ``target``; None if
+        Redis could not be reached (the probe's and the slot's leases then run out)."""
         try:
             return self.breakers.record(
-                key, token=token, outcome=outcome, threshold=threshold, cool_down_s=cool_down_s
+                key, token=token, outcome=outcome, threshold=threshold, cool_down_s=cool_down_s, target=target
             )
         except redis.RedisError as exc:
             log.warning("breaker_not_recorded", error_type=type(exc).__name__, outcome=outcome)
@@ -237,12 +258,18 @@ class GuardState:
     def rebuild(self, ledger: Ledger) -> bool:
         """Write back every slot the ledger says is still held, then mark the state ready.
 
-        One worker rebuilds at a time (a lock); the others find ``ready`` missing meanwhile and
-        answer ``unavailable`` for this decision. Returns whether the state is ready now.
+        One worker rebuilds at a time (a lock); the others wait for it, up to ``REBUILD_WAIT_S``
+        (a rebuild takes milliseconds), then answer ``unavailable`` for this decision. Returns
+        whether the state is ready now.
         """
         token = uuid.uuid4().hex
         if not self.client.set(self.key("rebuild"), token, nx=True, px=REBUILD_LOCK_MS):
-            return bool(self.client.exists(self.key("ready")))
+            deadline = time.monotonic() + REBUILD_WAIT_S
+            while not self.client.exists(self.key("ready")):
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+            return True
         try:
             if self.client.exists(self.key("ready")):
                 return True
@@ -253,6 +280,11 @@ class GuardState:
             taken = copy.slots
             pipe = self.client.pipeline(transaction=False)
             self.breakers.restore(pipe, copy.breakers)
+            for target, token, until in copy.locks:
+                until_ms = round(until.timestamp() * 1000)
+                if until_ms > now_ms:
+                    pipe.zadd(lock_key(self.prefix, target), {token: until_ms})
+                    pipe.pexpire(lock_key(self.prefix, target), until_ms - now_ms)
             rules = {rule.name: rule for rule in self.config.rules}
             limit = self.config.limits.max_runs
             for slot in taken:

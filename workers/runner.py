@@ -34,9 +34,10 @@ from workers.breakers import Transition, breaker_key
 from workers.config import ResponderConfig
 from workers.guardstate import GuardState, from_ledger
 from workers.ledger import attempts, repository
-from workers.ledger.attempts import ClaimedRun
-from workers.ledger.db import transaction
+from workers.ledger.attempts import ClaimedRun, GateVerdict
+from workers.ledger.db import reading, transaction
 from workers.ledger.models import BREAKERS, utcnow
+from workers.ledger.states import RunStatus
 from workers.planner import Cause, escalate, event_alert
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import attempt_policy, ledger_retrying
@@ -45,7 +46,10 @@ from workers.templating import RenderError, renderer, template_context
 
 log = telemetry.get_logger(__name__)
 
-Outcome = Literal["succeeded", "failed", "retry", "skipped"]
+# "deferred": the run's target was locked and it may still wait for it: delivered again shortly.
+Outcome = Literal["succeeded", "failed", "retry", "skipped", "deferred"]
+# How long a run waiting for its target's lock waits between two tries.
+LOCK_RETRY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class _Held:
     key: str
     probe: bool
     transition: Transition
+    target: str | None
 
 
 def worker_name() -> str:
@@ -154,26 +159,54 @@ def execute(
 ) -> Execution:
     """Run one attempt of ``run_id`` if it is due; record it and say what comes next.
 
-    With ``guards`` the attempt passes its (remediation, target) circuit breaker first
-    (``workers.breakers``), and its outcome is counted on it; an escalation for a breaker that
-    opened is published with ``publisher``.
+    With ``guards`` the attempt passes its (remediation, target) circuit breaker and takes a
+    concurrency slot of its target first (``workers.breakers``), and its outcome is counted on
+    the breaker; an escalation for a breaker that opened is published with ``publisher``. The
+    probe lease and the slot are held in the run's name, not the delivery's: a later attempt of
+    the same run (after a worker died, or a retry) finds them its own, never locked out by itself.
     """
     held: list[_Held] = []
 
-    def gate(session: Session, run: Row[Any]) -> Literal["breaker_open", "guard_state_unavailable"] | None:
+    def gate(session: Session, run: Row[Any]) -> GateVerdict | None:
         if guards is None:
             return None
         key = breaker_key(run.remediation, run.target)
+        rule = config.rule(run.rule) if run.rule else None
         lease_s = run.timeout_s + settings.hard_limit_margin_s + settings.lease_s
-        verdict, transition = guards.gate(key, token=task_id, lease_s=lease_s, ledger=from_ledger(session))
+        verdict, transition = guards.gate(
+            key,
+            token=run_id,
+            lease_s=lease_s,
+            ledger=from_ledger(session),
+            target=run.target,
+            slots=(rule.concurrency if rule else 1) if run.target else 0,
+        )
         if verdict == "open":
             return "breaker_open"
+        if verdict == "locked":
+            # Waited since the run was queued (a re-delivery for the lock keeps that time).
+            waited = (utcnow() - (run.enqueued_at or utcnow())).total_seconds()
+            return "lock_wait" if rule and rule.lock_wait_s and waited < rule.lock_wait_s else "locked"
         if verdict == "unavailable":
             if run.destructive or config.limits.non_destructive_without_guard_state == "skip":
                 return "guard_state_unavailable"
             return None
-        held.append(_Held(key, verdict == "probe", transition))
+        held.append(_Held(key, verdict == "probe", transition, run.target))
         return None
+
+    # The gate asks Redis; asked here, before the claim's transaction, the round trip does not
+    # lengthen the time the ledger's writer lock is held (SQLite has one for all workers). The
+    # claim asks again itself only if the run was not queued when read here (a dead attempt it
+    # abandons first).
+    asked: list[GateVerdict | None] = []
+    if guards is not None:
+        with reading(settings.database_url) as session:
+            row = repository.run_for_gate(session, run_id)
+            if row is not None and row.status == RunStatus.QUEUED:
+                asked.append(gate(session, row))
+
+    def claim_gate(session: Session, run: Row[Any]) -> GateVerdict | None:
+        return asked[0] if asked else gate(session, run)
 
     with transaction(settings.database_url) as session:
         claim = attempts.claim_run(
@@ -184,10 +217,17 @@ def execute(
             max_attempts=settings.max_attempts,
             lease_s=settings.lease_s,
             disabled_rules=config.disabled_rules,
-            gate=gate,
+            gate=claim_gate,
         )
     run = claim.run
-    if claim.kind in ("paused", "disabled", "resolved", "breaker_open", "guard_state_unavailable"):
+    if claim.kind == "lock_wait":
+        log.info("run_waiting_for_lock", retry_in_s=LOCK_RETRY_S)
+        return Execution("deferred", timeout_s=claim.timeout_s, retry_in_s=LOCK_RETRY_S)
+    if held and claim.kind != "run" and guards is not None:  # passed the gate, then did not start
+        guards.record(
+            held[0].key, token=run_id, outcome="neutral", threshold=1, cool_down_s=1, target=held[0].target
+        )
+    if claim.kind in ("paused", "disabled", "resolved", "breaker_open", "guard_state_unavailable", "locked"):
         telemetry.count_decision("skipped", claim.kind)
     if claim.kind != "run" or run is None or claim.attempt_id is None:
         log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
@@ -203,7 +243,7 @@ def execute(
     ) as lease:
         execution = _run_and_record(run, config, settings, claim.attempt_id, claim.number, lease.cancelled)
     if held and guards is not None:
-        _count_on_breaker(run, held[0], execution, task_id, settings, config, guards, publisher)
+        _count_on_breaker(run, held[0], execution, run_id, settings, config, guards, publisher)
     return execution
 
 
@@ -226,6 +266,7 @@ def _count_on_breaker(
         outcome=execution.breaker,
         threshold=breaker.failures,
         cool_down_s=breaker.cool_down_s,
+        target=held.target,
     )
     if recorded is None or not (recorded.transition or execution.breaker == "failure"):
         return

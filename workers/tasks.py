@@ -139,6 +139,16 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
         raise
+    if execution.outcome == "deferred":
+        # Waiting for its target's lock: delivered again shortly, its last publish time (from
+        # which the wait is measured, and the reconciler's redelivery) left as it is.
+        publish_runs(
+            [(run_id, execution.timeout_s)],
+            settings=settings,
+            publisher=_publisher(),
+            countdown=execution.retry_in_s,
+            marked=True,
+        )
     if execution.outcome == "retry":
         # A fresh message, not self.retry(): if publishing fails the run stays queued and
         # unpublished in the ledger, and the reconciler sends it.

@@ -374,3 +374,77 @@ def test_breaker_shared_by_two_workers_opens_probes_once_and_closes(
     (closed,) = httpx.get(f"{stack.base_url}/api/v1/breakers", headers=headers, timeout=10).json()["breakers"]
     assert (closed["state"], closed["failures"]) == ("closed", 0)
     assert failing_calls == 3 and [c.path for c in stack.target.calls].count("/page") == 1
+
+
+def test_one_run_at_a_time_per_target_skips_or_waits(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """Two alerts at once for one target (a 3 s command) with two workers free: by default the
+    second is skipped (locked) while the first acts; with lock_wait it waits its turn. Never two
+    at once."""
+    stack = stack_factory(
+        tmp=tmp_path,
+        database_url=ledger_url,
+        extra_rules=[
+            {
+                "name": "slow-queued",
+                "match": ['alertname="ResponderSlowQueued"'],
+                "remediation": "run_command",
+                "lock_wait": "20s",
+                "params": {"command": "slow"},
+            }
+        ],
+    )
+    stack.start_receiver()
+    stack.start_worker(concurrency=2)
+    stack.start_beat()
+    both = alert_payload("ResponderSlow", instance="a")
+    both["alerts"].append(alert_payload("ResponderSlow", instance="b")["alerts"][0])
+    assert stack.post(both).status_code == 202
+    skipped = stack.wait_run("skipped", timeout=30, rule="probe-slow")
+    assert skipped["skip_reason"] == "locked" and skipped["target"] == "slow"
+    stack.wait_run("succeeded", timeout=30, rule="probe-slow")
+    queued = alert_payload("ResponderSlowQueued", instance="a")
+    queued["alerts"].append(alert_payload("ResponderSlowQueued", instance="b")["alerts"][0])
+    assert stack.post(queued).status_code == 202
+    wait_for(
+        lambda: [r["status"] for r in stack.runs(rule="slow-queued")] == ["succeeded", "succeeded"],
+        timeout=40,
+        what="both queued runs to succeed, one after the other",
+    )
+    lines = stack.lines("slow")
+    print(f"LOCK [{ledger_url.split(':')[0]}]: command log {lines}")
+    assert lines == ["start", "done"] * 3
+
+
+def test_open_breaker_survives_redis_restarted_empty(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """A breaker opens; Redis restarts with nothing in it; the next alert for that target is
+    refused (breaker_open, the state rebuilt from the ledger), and the target is not called."""
+    stack = stack_factory(
+        tmp=tmp_path,
+        database_url=ledger_url,
+        extra_rules=[
+            {
+                "name": "fragile",
+                "match": ['alertname="ResponderFragile"'],
+                "remediation": "http_request",
+                "target": "fragile-svc",
+                "breaker": {"failures": 1, "cool_down": "10m"},
+                "params": {"url": "http://127.0.0.1:{target}/fragile/{{ labels.instance }}"},
+            }
+        ],
+        overrides={"RESPONDER_MAX_ATTEMPTS": "1"},
+    )
+    stack.start_all()
+    stack.target.status = 503
+    stack.post(alert_payload("ResponderFragile", instance="one"))
+    stack.wait_run("failed", timeout=30, rule="fragile")
+    stack.restart_redis_empty()
+    stack.post(alert_payload("ResponderFragile", instance="two"))
+    refused = stack.wait_run("skipped", timeout=60, rule="fragile")
+    assert refused["skip_reason"] == "breaker_open" and refused["destructive"] is True
+    assert stack.count("worker", "guard_state_rebuilt") >= 1
+    stack.wait_reconcile_passes(2)
+    assert [c.path for c in stack.target.calls] == ["/fragile/one"]

@@ -155,3 +155,28 @@ def test_breakers_api_lists_the_ledger_copy_and_resets_both(
         assert (reset.json()["state"], reset.json()["failures"]) == ("closed", 0)
         assert client.get("/api/v1/breakers", headers={"Authorization": "Bearer in"}).status_code == 403
     assert live.acquire(key, token="t", lease_s=30) == ("closed", "")
+
+
+def test_target_slots_bound_concurrent_runs_and_free_on_record(breakers: Breakers) -> None:
+    """concurrency 1: a second run on the same target is locked until the first records; another
+    target is free; a locked run takes neither the slot nor a half-open probe."""
+    key = breaker_key("run_command", "restart")
+    assert breakers.acquire(key, token="a", lease_s=30, target="svc", slots=1) == ("closed", "")
+    assert breakers.acquire(key, token="a", lease_s=30, target="svc", slots=1) == ("closed", "")  # its own
+    assert breakers.acquire(key, token="b", lease_s=30, target="svc", slots=1) == ("locked", "")
+    assert breakers.acquire(key, token="b", lease_s=30, target="svc", slots=2) == ("closed", "")
+    assert breakers.acquire(key, token="c", lease_s=30, target="other", slots=1) == ("closed", "")
+    breakers.record(key, token="a", outcome="success", threshold=3, cool_down_s=1, target="svc")
+    breakers.record(key, token="b", outcome="success", threshold=3, cool_down_s=1, target="svc")
+    assert breakers.acquire(key, token="d", lease_s=0.2, target="svc", slots=1) == ("closed", "")
+    wait_for(
+        lambda: breakers.acquire(key, token="e", lease_s=30, target="svc", slots=1)[0] == "closed",
+        timeout=5,
+        what="a dead holder's slot to expire",
+    )
+    for _ in range(3):
+        fail(breakers, key, cool=0.05)
+    time.sleep(0.1)  # the cool-down passes; e still holds the only slot
+    assert breakers.acquire(key, token="f", lease_s=30, target="svc", slots=1) == ("locked", "")
+    breakers.record(key, token="e", outcome="neutral", threshold=3, cool_down_s=1, target="svc")
+    assert breakers.acquire(key, token="f", lease_s=30, target="svc", slots=1) == ("probe", "half_opened")

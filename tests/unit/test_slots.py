@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -111,6 +112,14 @@ def test_state_lost_is_rebuilt_from_the_ledger_before_deciding(state: GuardState
     expired = [TakenSlot("old", "cooled", "h", utcnow() - timedelta(minutes=20))]
     state.client.flushdb()
     assert state.take([slot("new", group="h")], ledger=lambda _since: LedgerCopy(expired)) == ["ok"]
+
+
+def test_a_rebuild_in_progress_elsewhere_is_waited_for(state: GuardState) -> None:
+    """Two workers find the state missing at once: the one not rebuilding waits for the other
+    instead of refusing its run."""
+    state.client.set(state.key("rebuild"), "another worker", px=30_000)
+    threading.Timer(0.2, lambda: state.client.set(state.key("ready"), 1)).start()
+    assert state.take([slot("a")], ledger=nothing_in_ledger) == ["ok"]
 
 
 def test_unreachable_state_is_unavailable_and_refuses_destructive_runs() -> None:

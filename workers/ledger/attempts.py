@@ -148,10 +148,13 @@ ClaimKind = Literal[
     "disabled",
     "breaker_open",
     "guard_state_unavailable",
+    "locked",
+    "lock_wait",
 ]
-# Asked as an attempt is about to open (the run's row in hand): None lets it go, or the reason it
-# may not (the runner's circuit breaker).
-ClaimGate = Callable[[Session, Row[Any]], Literal["breaker_open", "guard_state_unavailable"] | None]
+# Asked as an attempt is about to open (the run's row in hand): None lets it go, the reason it may
+# not (the runner's circuit breaker and target lock), or "lock_wait": not now, the run stays queued.
+GateVerdict = Literal["breaker_open", "guard_state_unavailable", "locked", "lock_wait"]
+ClaimGate = Callable[[Session, Row[Any]], GateVerdict | None]
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class Claim:
 
     kind: ClaimKind
     attempt_id: int | None = None
+    # lock_wait: the run's timeout, for its next delivery's time limits.
+    timeout_s: float = 0.0
     number: int = 0
     abandoned: list[int] = field(default_factory=list)
     run: ClaimedRun | None = None
@@ -234,6 +239,8 @@ def claim_run(
         refused = "resolved"
     if refused is None and len(tried) < max_attempts and gate is not None:
         refused = gate(session, run)
+        if refused == "lock_wait":
+            return Claim("lock_wait", abandoned=claim.abandoned, timeout_s=run.timeout_s)
     if refused is not None:
         to = RunStatus.CANCELLED if tried else RunStatus.SKIPPED
         transition_run(session, run_id, to, expect=[RunStatus.QUEUED], skip_reason=refused)

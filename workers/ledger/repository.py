@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers.alerts import Alert
 from workers.ledger.models import (
+    ATTEMPTS,
     BREAKERS,
     EVENTS,
     PAUSES,
@@ -462,6 +463,31 @@ def list_breakers(session: Session, *, state: str | None = None, limit: int = 50
     if state is not None:
         statement = statement.where(BreakerRecord.state == state)
     return list(session.scalars(statement))
+
+
+_RUN_FOR_GATE = (
+    select(
+        RUNS.c.status, RUNS.c.remediation, RUNS.c.target, RUNS.c.rule, RUNS.c.timeout_s, RUNS.c.destructive
+    )
+    .add_columns(RUNS.c.enqueued_at)
+    .where(RUNS.c.id == bindparam("run_key"))
+)
+
+
+def run_for_gate(session: Session, run_id: str) -> Row[Any] | None:
+    """What the breaker and lock gate needs of a run (read before its claim, outside any lock)."""
+    return session.connection().execute(_RUN_FOR_GATE, {"run_key": run_id}).one_or_none()
+
+
+def running_targets(session: Session) -> list[tuple[str, str, datetime]]:
+    """(target, run id, end of the slot's lease) of every attempt running now: the holders of
+    targets' concurrency slots, for a rebuild. The lease is the attempt's, plus its timeout."""
+    rows = session.execute(
+        select(RUNS.c.target, ATTEMPTS.c.run_id, ATTEMPTS.c.deadline_at, RUNS.c.timeout_s)
+        .join(RUNS, RUNS.c.id == ATTEMPTS.c.run_id)
+        .where(ATTEMPTS.c.outcome == "running", RUNS.c.target.is_not(None))
+    )
+    return [(target, task, deadline + timedelta(seconds=timeout)) for target, task, deadline, timeout in rows]
 
 
 def breaker_counts(session: Session) -> dict[tuple[str, str], int]:
