@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -463,20 +463,6 @@ def list_breakers(session: Session, *, state: str | None = None, limit: int = 50
     if state is not None:
         statement = statement.where(BreakerRecord.state == state)
     return list(session.scalars(statement))
-
-
-_RUN_FOR_GATE = (
-    select(
-        RUNS.c.status, RUNS.c.remediation, RUNS.c.target, RUNS.c.rule, RUNS.c.timeout_s, RUNS.c.destructive
-    )
-    .add_columns(RUNS.c.enqueued_at)
-    .where(RUNS.c.id == bindparam("run_key"))
-)
-
-
-def run_for_gate(session: Session, run_id: str) -> Row[Any] | None:
-    """What the breaker and lock gate needs of a run (read before its claim, outside any lock)."""
-    return session.connection().execute(_RUN_FOR_GATE, {"run_key": run_id}).one_or_none()
 
 
 def running_targets(session: Session) -> list[tuple[str, str, datetime]]:
