@@ -62,6 +62,8 @@ class RunRequest:
     # The cooldown group of the run when it takes a cooldown or budget slot (workers.guardstate):
     # "" for the whole rule; None when no such guard applies.
     guard_key: str | None = None
+    # alert trigger: which extra run of the episode this is (a rule's ``repeat``), 0 for the first
+    repeat: int = 0
     # Set when planning failed: the run is recorded failed with it.
     error: str | None = None
     # alert and resolved triggers: the event and its episode
@@ -77,7 +79,8 @@ class RunRequest:
     def dedupe_key(self) -> str:
         """The key that makes this action at most once, whatever the trigger."""
         if self.trigger in ("alert", "resolved"):
-            return f"{self.trigger}:{self.fingerprint}:{self.starts_at}:{self.rule}"
+            again = f":repeat:{self.repeat}" if self.repeat else ""
+            return f"{self.trigger}:{self.fingerprint}:{self.starts_at}:{self.rule}{again}"
         if self.trigger == "step":
             return f"step:{self.parent_run_id}:{self.step}"
         if self.idempotency_key is None:
@@ -205,6 +208,7 @@ def admit(
                 if status == RunStatus.WAITING
                 else None,
                 "guard_key": request.guard_key,
+                "repeat": request.repeat,
                 "slot_at": now if queued and request.guard_key is not None else None,
                 "finished_at": now if status in FINISHED else None,
                 "enqueued_at": now if published and queued else None,

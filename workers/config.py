@@ -75,6 +75,16 @@ class Breaker(BaseModel):
     cool_down_s: Duration = Field(default=600.0, alias="cool_down", le=MAX_WINDOW_S)
 
 
+class Repeat(BaseModel):
+    """Run again while the alert's episode is still unresolved ``after`` the last succeeded run,
+    at most ``max`` extra times."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    after_s: Duration = Field(alias="after", le=MAX_WINDOW_S)
+    max: int = Field(ge=1, le=100)
+
+
 class Limits(BaseModel):
     """Limits over every rule."""
 
@@ -124,6 +134,10 @@ class Rule(BaseModel):
     # and is then skipped (``locked``).
     concurrency: int = Field(default=1, ge=1, le=1000)
     lock_wait_s: Duration | None = Field(default=None, alias="lock_wait", le=3600.0)
+    # A succeeded run whose alert still fires ``verify_within`` later (its episode unresolved, or
+    # a new episode of the same alert begun) is ineffective: a breaker failure, and escalated.
+    verify_within_s: Duration | None = Field(default=None, alias="verify_within", le=MAX_WINDOW_S)
+    repeat: Repeat | None = None
     _matchers: tuple[Matcher, ...] = PrivateAttr(default=())
 
     @field_validator("match")

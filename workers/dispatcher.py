@@ -1,4 +1,5 @@
-"""The dispatcher (a beat job): waiting runs whose grace period has passed are decided again.
+"""The dispatcher (a beat job): waiting runs whose grace period has passed are decided again,
+and succeeded runs due for verification are looked at (``workers.verification``).
 
 A rule with ``for: 2m`` admits its run as ``waiting`` with ``not_before`` in the ledger, not as
 a delayed broker message (Redis redelivers a message that waits longer than its visibility
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from workers import telemetry
+from workers import telemetry, verification
 from workers.admission import Mode, Trigger, decide, slot_of, take_slots, unguarded_policy
 from workers.config import ResponderConfig
 from workers.guardstate import GuardState
@@ -45,7 +46,10 @@ def release_due(
     """Decide every due waiting run (up to ``BATCH`` per pass) and publish the queued ones."""
     with reading(settings.database_url) as session:
         # The usual answer is "nothing is due": found without the ledger's write lock.
-        if not repository.due_waiting_runs(session, now=db_now(session), limit=1):
+        now = db_now(session)
+        if not repository.due_waiting_runs(session, now=now, limit=1) and not verification.any_due(
+            session, now
+        ):
             return Released()
     queued: list[tuple[str, float]] = []
     refused = 0
@@ -127,5 +131,6 @@ def release_due(
             )
         ]
         queued.extend(escalate(session, causes, config, guards))
+        queued.extend(verification.verify_due(session, now=now, config=config, guards=guards))
     publish_runs(queued, settings=settings, publisher=publisher, marked=True)
     return Released(queued=len(queued), refused=refused)

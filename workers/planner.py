@@ -146,6 +146,14 @@ def guards_of(rule: Rule, config: ResponderConfig) -> list[str]:
         shown.append(f"max_runs {rule.max_runs.count} per {rule.max_runs.per:g}s")
     if config.limits.max_runs:
         shown.append(f"limits.max_runs {config.limits.max_runs.count} per {config.limits.max_runs.per:g}s")
+    breaker = config.breaker_of(rule.name)
+    shown.append(f"breaker {breaker.failures} failures, cool_down {breaker.cool_down_s:g}s")
+    wait = f", lock_wait {rule.lock_wait_s:g}s" if rule.lock_wait_s else ""
+    shown.append(f"concurrency {rule.concurrency} per target{wait}")
+    if rule.repeat:
+        shown.append(f"repeat after {rule.repeat.after_s:g}s, max {rule.repeat.max}")
+    if rule.verify_within_s:
+        shown.append(f"verify_within {rule.verify_within_s:g}s")
     return shown
 
 
@@ -205,8 +213,9 @@ def plan_rule(
     return Plan(**base, error=error)
 
 
-def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
-    """The admission request of one rule's plan for one alert event."""
+def request_for(plan: Plan, event: AlertEvent, *, repeat: int = 0) -> RunRequest:
+    """The admission request of one rule's plan for one alert event (``repeat``: the how-manieth
+    extra run of the episode, ``workers.verification``)."""
     return RunRequest(
         trigger=plan.trigger,
         remediation=plan.remediation,
@@ -216,6 +225,7 @@ def request_for(plan: Plan, event: AlertEvent) -> RunRequest:
         enabled=plan.enabled,
         grace_s=plan.grace_s if plan.trigger == "alert" else 0.0,
         guard_key=plan.guard_key,
+        repeat=repeat,
         target=plan.target,
         destructive=plan.destructive,
         timeout_s=plan.timeout_s,

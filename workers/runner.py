@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -42,6 +43,7 @@ from workers.publishing import Publisher, publish_runs
 from workers.resilience import attempt_policy, ledger_retrying
 from workers.settings import Settings
 from workers.templating import RenderError, renderer, template_context
+from workers.verification import verify_delay
 
 log = telemetry.get_logger(__name__)
 
@@ -235,6 +237,12 @@ def execute(
     return execution
 
 
+def _verification(config: ResponderConfig, run: ClaimedRun) -> dict[str, Any] | None:
+    """When a succeeded run of a rule with ``repeat`` or ``verify_within`` is looked at again."""
+    delay = verify_delay(config, rule=run.rule, trigger=run.trigger, repeat=run.repeat)
+    return None if delay is None else {"verify_at": utcnow() + timedelta(seconds=delay)}
+
+
 def _count_on_breaker(
     run: ClaimedRun,
     held: _Held,
@@ -389,6 +397,7 @@ def _run_and_record(
         error=None,
         output={"summary": result.summary, **result.details},
         run_status="succeeded",
+        run_values=_verification(config, run),
     )
     if not owned:
         log.warning("attempt_superseded", attempt=number, late_outcome="succeeded")

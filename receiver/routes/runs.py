@@ -54,6 +54,11 @@ class RunOut(BaseModel):
     error: str | None
     # A waiting run's due time (its rule's grace period).
     not_before: datetime | None
+    # Did it work (rules with repeat or verify_within): effective or ineffective once looked at
+    # again at verify_at; repeat: which extra run of the episode this is (0: the first).
+    verdict: str | None
+    verify_at: datetime | None
+    repeat: int
     fingerprint: str | None
     starts_at: str | None
     event_id: str | None

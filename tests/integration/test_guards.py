@@ -448,3 +448,76 @@ def test_open_breaker_survives_redis_restarted_empty(
     assert stack.count("worker", "guard_state_rebuilt") >= 1
     stack.wait_reconcile_passes(2)
     assert [c.path for c in stack.target.calls] == ["/fragile/one"]
+
+
+def test_still_firing_after_success_repeats_or_escalates(
+    stack_factory: type[Stack], ledger_url: str, tmp_path: Path
+) -> None:
+    """The flap measured in a real loop: the service is killed again right after the restart, so
+    the alert keeps firing with the same startsAt. With repeat, a second run comes 2 s later and
+    (the service now staying up) the alert resolves: effective, no page. Without repeat, the run
+    is judged ineffective after verify_within: one page, one failure on its breaker."""
+    stack = stack_factory(
+        tmp=tmp_path,
+        database_url=ledger_url,
+        extra_rules=[
+            {
+                "name": "restorer",
+                "match": ['alertname="ResponderFlapFix"'],
+                "remediation": "http_request",
+                "repeat": {"after": "2s", "max": 2},
+                "verify_within": "3s",
+                "params": {"url": "http://127.0.0.1:{target}/restore/{{ labels.instance }}"},
+            },
+            {
+                "name": "stuck",
+                "match": ['alertname="ResponderStuck"'],
+                "remediation": "http_request",
+                "verify_within": "2s",
+                "params": {"url": "http://127.0.0.1:{target}/stuck/{{ labels.instance }}"},
+            },
+        ],
+        extra_config={
+            "escalation": {
+                "remediation": "http_request",
+                "params": {
+                    "url": "http://127.0.0.1:{target}/page",
+                    "json": {"text": "{{ escalation.detail }}"},
+                },
+            }
+        },
+        overrides={"RESPONDER_DISPATCH_INTERVAL_S": "0.5"},
+    )
+    stack.start_all()
+
+    def calls(prefix: str) -> list[float]:
+        return [c.at for c in stack.target.calls if c.path.startswith(prefix)]
+
+    assert stack.post(alert_payload("ResponderFlapFix", instance="svc")).status_code == 202
+    wait_for(lambda: len(calls("/restore/")) == 2, timeout=30, what="the repeat run's call")
+    assert stack.post(alert_payload("ResponderFlapFix", status="resolved", instance="svc")).status_code == 202
+    wait_for(
+        lambda: [r["verdict"] for r in stack.runs(rule="restorer") if r["repeat"] == 1] == ["effective"],
+        timeout=30,
+        what="the repeat to be judged effective",
+    )
+    restores = calls("/restore/")
+
+    assert stack.post(alert_payload("ResponderStuck", instance="x")).status_code == 202
+    stuck = wait_for(
+        lambda: next((r for r in stack.runs(rule="stuck") if r["verdict"] == "ineffective"), None),
+        timeout=30,
+        what="the run to be judged ineffective",
+    )
+    wait_for(lambda: len(calls("/page")) == 1, timeout=30, what="the page")
+    stack.wait_reconcile_passes(2)
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    breakers = httpx.get(f"{stack.base_url}/api/v1/breakers", headers=headers, timeout=10).json()["breakers"]
+    print(
+        f"REPEAT [{ledger_url.split(':')[0]}]: with repeat: calls {len(restores)}, "
+        f"{restores[1] - restores[0]:.1f} s apart, pages 0; without: calls {len(calls('/stuck/'))}, "
+        f"pages {len(calls('/page'))}, breaker failures {[b['failures'] for b in breakers]}"
+    )
+    assert len(calls("/restore/")) == 2 and restores[1] - restores[0] >= 2
+    assert len(calls("/stuck/")) == 1 and len(calls("/page")) == 1
+    assert [(b["target"], b["failures"], b["state"]) for b in breakers] == [(stuck["target"], 1, "closed")]

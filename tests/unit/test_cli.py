@@ -107,8 +107,8 @@ def test_config_test_shows_the_guards_without_touching_state(runner: CliRunner, 
     assert shown.exit_code == 0, shown.output
     assert "rule g -> http_request [enforce]: would be waiting (grace: 120s)" in shown.output
     assert (
-        "guards: for 120s; cooldown 900s by instance; max_runs 3 per 3600s; limits.max_runs 50 per 3600s"
-        in (shown.output)
+        "    guards: for 120s; cooldown 900s by instance; max_runs 3 per 3600s; limits.max_runs 50 per 3600s; "
+        "breaker 3 failures, cool_down 600s; concurrency 1 per target\n" in shown.output
     )
     after = runner.invoke(main, ["config", "test", str(config), "--alert", str(resolved)])
     assert "pending runs would be cancelled; on_resolved:" in after.output

@@ -168,6 +168,8 @@ class ClaimedRun:
     rule: str | None
     fingerprint: str | None
     target: str | None
+    trigger: str
+    repeat: int
     # The alert event that caused the run (status, labels, annotations, times, fingerprint).
     event: Row[Any] | None
 
@@ -288,6 +290,8 @@ def claim_run(
         rule=run.rule,
         fingerprint=run.fingerprint,
         target=run.target,
+        trigger=run.trigger,
+        repeat=run.repeat,
         event=(
             connection.execute(_EVENT_OF_RUN, {"event_key": run.event_id}).one_or_none()
             if run.event_id
@@ -306,6 +310,7 @@ def finish_attempt(
     error: str | None,
     output: dict[str, Any] | None,
     run_status: Literal["succeeded", "failed", "queued"],
+    run_values: dict[str, Any] | None = None,
 ) -> bool:
     """Close an attempt of ``run_id`` and move the run on (``queued`` means a retry will follow).
 
@@ -323,7 +328,7 @@ def finish_attempt(
             raise LookupError(f"attempt {attempt_id} not found")
         return False
     to = RunStatus(run_status)
-    values: dict[str, Any] = {"error": error if to != RunStatus.SUCCEEDED else None}
+    values: dict[str, Any] = {"error": error if to != RunStatus.SUCCEEDED else None, **(run_values or {})}
     if to == RunStatus.QUEUED:
         values.update(enqueued_at=None, publishes=0)  # set again once the retry is published
     return transition_run(session, run_id, to, expect=[RunStatus.RUNNING], **values)

@@ -104,6 +104,7 @@ class Run(Base):
         Index("ix_runs_episode", "fingerprint", "starts_at"),
         Index("ix_runs_waiting", "status", "not_before"),
         Index("ix_runs_slot_at", "slot_at"),
+        Index("ix_runs_verify_at", "verify_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -134,6 +135,12 @@ class Run(Base):
     # None when no such guard applies) and when it took its slot; the ledger's copy of Redis's.
     guard_key: Mapped[str | None] = mapped_column(String(64))
     slot_at: Mapped[datetime | None]
+    # Did it work? A succeeded alert run of a rule with ``repeat`` or ``verify_within`` is looked
+    # at again at ``verify_at``; ``verdict`` is then effective or ineffective. ``repeat``: which
+    # extra run of the episode this is (0 for the first).
+    verify_at: Mapped[datetime | None]
+    verdict: Mapped[str | None] = mapped_column(String(16))
+    repeat: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # When run_remediation was last published, and how often since the last claim: a run that

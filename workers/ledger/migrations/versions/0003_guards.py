@@ -26,8 +26,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("not_before", UTCDateTime(), nullable=True))
         batch.add_column(sa.Column("guard_key", sa.String(64), nullable=True))
         batch.add_column(sa.Column("slot_at", UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("verify_at", UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("verdict", sa.String(16), nullable=True))
+        batch.add_column(sa.Column("repeat", sa.Integer(), nullable=False, server_default="0"))
         batch.create_index("ix_runs_waiting", ["status", "not_before"])
         batch.create_index("ix_runs_slot_at", ["slot_at"])
+        batch.create_index("ix_runs_verify_at", ["verify_at"])
     op.create_table(
         "pauses",
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -55,8 +59,12 @@ def downgrade() -> None:
     op.drop_table("breakers")
     op.drop_table("pauses")
     with op.batch_alter_table("runs") as batch:
+        batch.drop_index("ix_runs_verify_at")
         batch.drop_index("ix_runs_slot_at")
         batch.drop_index("ix_runs_waiting")
+        batch.drop_column("repeat")
+        batch.drop_column("verdict")
+        batch.drop_column("verify_at")
         batch.drop_column("slot_at")
         batch.drop_column("guard_key")
         batch.drop_column("not_before")
