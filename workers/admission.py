@@ -14,10 +14,15 @@ order. The first guard that holds decides; each outcome is a run row with its re
 5. ``grace``: the rule has ``for:`` and the period has not passed: ``waiting`` until
    ``not_before``; the dispatcher (``workers.dispatcher``) decides again then, from guard 2 on.
 6. ``dry_run``: ``skipped`` with the params, target and preflight it would have run with.
-7. otherwise ``queued``.
+7. ``cooldown``: the rule's label group holds a cooldown slot (``workers.guardstate``).
+8. ``budget``: the rule's or the global budget window is full; escalated once per window.
+9. ``guard_state_unavailable``: the slots of 7-8 cannot be read: a destructive run is refused.
+10. otherwise ``queued``.
 
 Guards 2-4 are checked again when a run is claimed: a run queued before a pause began, or
-before its alert resolved, does not start. Action is at most once per dedupe key
+before its alert resolved, does not start. The claim then asks the run's circuit breaker and
+its target's concurrency slot (``breaker_open``, ``locked``: ``workers.breakers``, via the
+runner). Action is at most once per dedupe key
 (``RunRequest.dedupe_key``): a second admission of the same key returns the run already
 recorded and creates nothing.
 """
