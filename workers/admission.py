@@ -37,7 +37,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from workers import telemetry
-from workers.guardstate import GuardState, Slot, Verdict, from_ledger
+from workers.guardstate import ESCALATIONS, GuardState, Slot, Verdict, from_ledger
 from workers.ledger import repository
 from workers.ledger.models import utcnow
 from workers.ledger.states import FINISHED, RunStatus
@@ -143,7 +143,8 @@ def decide(
         return RunStatus.SKIPPED, "cooldown"
     if slot in ("budget", "budget_global"):
         return RunStatus.SKIPPED, "budget"
-    if slot == "unavailable" and (destructive or unguarded == "skip"):
+    # An escalation is a page: with the state unreadable it goes out rather than stay silent.
+    if slot == "unavailable" and trigger != "escalation" and (destructive or unguarded == "skip"):
         return RunStatus.SKIPPED, "guard_state_unavailable"
     return RunStatus.QUEUED, None
 
@@ -228,7 +229,10 @@ def admit(
         if row["id"] in inserted and decisions[i][0] == RunStatus.QUEUED and request.guard_key is not None
     ]
     slots = [
-        slot_of(guards, requests[i].rule or "", rows[i]["dedupe_key"], requests[i].guard_key) for i in takers
+        slot_of(
+            guards, requests[i].rule or "", rows[i]["dedupe_key"], requests[i].guard_key, requests[i].trigger
+        )
+        for i in takers
     ]
     verdicts: dict[int, Verdict] = {}
     for i, verdict in zip(takers, take_slots(session, guards, slots), strict=True):
@@ -253,8 +257,14 @@ def admit(
     return admissions
 
 
-def slot_of(guards: GuardState | None, rule: str, member: str, group: str | None) -> Slot:
-    """The cooldown and budget slot a run of ``rule`` asks for (its windows from the config)."""
+def slot_of(
+    guards: GuardState | None, rule: str, member: str, group: str | None, trigger: str = "alert"
+) -> Slot:
+    """The cooldown and budget slot a run of ``rule`` asks for (its windows from the config);
+    an escalation's is in the escalations' budget (``limits.max_escalations``) alone."""
+    if trigger == "escalation":
+        limit = guards.config.limits.max_escalations if guards is not None else None
+        return Slot(member, ESCALATIONS, "", None, limit, counted_globally=False)
     found = guards.config.rule(rule) if guards is not None else None
     return Slot(
         member=member,

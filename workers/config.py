@@ -85,6 +85,14 @@ class Repeat(BaseModel):
     max: int = Field(ge=1, le=100)
 
 
+class RemediationSettings(BaseModel):
+    """Settings of every run of one remediation (``remediations.NAME``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    breaker: Breaker | None = None
+
+
 class Limits(BaseModel):
     """Limits over every rule."""
 
@@ -92,6 +100,9 @@ class Limits(BaseModel):
 
     # All alert runs of all rules together.
     max_runs: Budget | None = None
+    # All escalations together (each is also at most once per budget window, breaker opening or
+    # ineffective episode); past it they are recorded skipped (budget).
+    max_escalations: Budget | None = None
     # When the cooldown and budget state cannot be read (Redis unreachable, or emptied and not
     # yet rebuilt from the ledger): a destructive remediation is always refused
     # (``guard_state_unavailable``); a non-destructive one runs (``run``) or is refused too.
@@ -176,8 +187,9 @@ class ResponderConfig(BaseModel):
     commands: dict[str, CommandSpec] = Field(default_factory=dict)
     rules: list[Rule] = Field(default_factory=list)
     limits: Limits = Field(default_factory=Limits)
-    # Breakers of rules that set none.
+    # Breakers of rules that set none: per remediation, else this default.
     breaker: Breaker = Field(default_factory=Breaker)
+    remediations: dict[str, RemediationSettings] = Field(default_factory=dict)
     # Run when a budget is exhausted (once per rule and window, not once per alert) and when a
     # breaker opens (once per opening).
     escalation: Action | None = None
@@ -198,10 +210,13 @@ class ResponderConfig(BaseModel):
         """The rule called ``name``, if any."""
         return next((rule for rule in self.rules if rule.name == name), None)
 
-    def breaker_of(self, rule: str | None) -> Breaker:
-        """The breaker settings of a rule's runs."""
+    def breaker_of(self, rule: str | None, remediation: str) -> Breaker:
+        """The breaker settings of a run: its rule's, else its remediation's, else the default."""
         found = self.rule(rule) if rule else None
-        return found.breaker if found is not None and found.breaker is not None else self.breaker
+        if found is not None and found.breaker is not None:
+            return found.breaker
+        settings = self.remediations.get(remediation)
+        return settings.breaker if settings is not None and settings.breaker is not None else self.breaker
 
     @property
     def disabled_rules(self) -> frozenset[str]:
@@ -258,6 +273,10 @@ def _static_problems(config: ResponderConfig) -> list[str]:
         problems.extend(_group_problems(rule, where))
     if config.escalation is not None:
         problems.extend(_action_problems(config, config.escalation, "escalation"))
+    for name in sorted(set(config.remediations) - set(registered())):
+        problems.append(
+            f"remediations.{name}: unknown remediation (known: {', '.join(sorted(registered()))})"
+        )
     return problems
 
 

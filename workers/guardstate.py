@@ -110,6 +110,12 @@ class Slot:
     group: str  # the cooldown group ("" for the whole rule)
     cooldown_s: float | None
     budget: Budget | None
+    # Counted in the global budget (limits.max_runs): every alert run, no escalation.
+    counted_globally: bool = True
+
+
+# The budget key of escalations (limits.max_escalations); no rule can have this name.
+ESCALATIONS = "*escalations*"
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class TakenSlot:
     rule: str
     group: str
     at: datetime
+    trigger: str = "alert"
 
 
 @dataclass(frozen=True)
@@ -198,8 +205,8 @@ class GuardState:
                 _ms(slot.cooldown_s) if slot.cooldown_s else 0,
                 slot.budget.count if slot.budget else 0,
                 _ms(slot.budget.per) if slot.budget else 0,
-                limit.count if limit else 0,
-                _ms(limit.per) if limit else 0,
+                limit.count if limit and slot.counted_globally else 0,
+                _ms(limit.per) if limit and slot.counted_globally else 0,
             ]
             self._take(keys=keys, args=args, client=pipe)
         return [_verdict(raw) for raw in pipe.execute()]
@@ -209,8 +216,9 @@ class GuardState:
         windows = [0.0]
         for rule in self.config.rules:
             windows += [rule.cooldown_s or 0.0, rule.max_runs.per if rule.max_runs else 0.0]
-        if self.config.limits.max_runs is not None:
-            windows.append(self.config.limits.max_runs.per)
+        for limit in (self.config.limits.max_runs, self.config.limits.max_escalations):
+            if limit is not None:
+                windows.append(limit.per)
         return max(windows)
 
     def gate(
@@ -287,8 +295,14 @@ class GuardState:
                     pipe.pexpire(lock_key(self.prefix, target), until_ms - now_ms)
             rules = {rule.name: rule for rule in self.config.rules}
             limit = self.config.limits.max_runs
+            escalations = self.config.limits.max_escalations
             for slot in taken:
                 at_ms = round(slot.at.timestamp() * 1000)
+                if slot.trigger == "escalation":
+                    if escalations is not None:
+                        pipe.zadd(self.key("budget", "rule", ESCALATIONS), {slot.member: at_ms}, nx=True)
+                        pipe.pexpire(self.key("budget", "rule", ESCALATIONS), _ms(escalations.per))
+                    continue
                 rule = rules.get(slot.rule)
                 if rule is not None and rule.cooldown_s and at_ms + _ms(rule.cooldown_s) > now_ms:
                     pipe.set(

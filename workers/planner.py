@@ -146,7 +146,7 @@ def guards_of(rule: Rule, config: ResponderConfig) -> list[str]:
         shown.append(f"max_runs {rule.max_runs.count} per {rule.max_runs.per:g}s")
     if config.limits.max_runs:
         shown.append(f"limits.max_runs {config.limits.max_runs.count} per {config.limits.max_runs.per:g}s")
-    breaker = config.breaker_of(rule.name)
+    breaker = config.breaker_of(rule.name, rule.remediation)
     shown.append(f"breaker {breaker.failures} failures, cool_down {breaker.cool_down_s:g}s")
     wait = f", lock_wait {rule.lock_wait_s:g}s" if rule.lock_wait_s else ""
     shown.append(f"concurrency {rule.concurrency} per target{wait}")
@@ -478,6 +478,7 @@ def escalate(
                 starts_at=cause.event.starts_at,
                 idempotency_key=cause.key,
                 parent_run_id=cause.run_id,
+                guard_key="" if config.limits.max_escalations is not None else None,
             )
         )
     queued: list[tuple[str, float]] = []

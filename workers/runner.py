@@ -255,7 +255,7 @@ def _count_on_breaker(
 ) -> None:
     """Count the attempt on its breaker; record a transition or a counted failure in the ledger,
     and escalate a breaker that opened."""
-    breaker = config.breaker_of(run.rule)
+    breaker = config.breaker_of(run.rule, run.remediation)
     recorded = guards.record(
         held.key,
         token=token,
@@ -299,7 +299,7 @@ def _breaker_moved(
     guards: GuardState | None = None,
 ) -> list[tuple[str, float]]:
     """Keep the ledger's copy of a breaker; an opening escalates (once per opening)."""
-    breaker = config.breaker_of(run.rule)
+    breaker = config.breaker_of(run.rule, run.remediation)
     now = utcnow()
     queued: list[tuple[str, float]] = []
     try:

@@ -142,7 +142,7 @@ def _ineffective(
     """Count each ineffective run as a failure on its breaker, and escalate it."""
     causes = []
     for run in runs:
-        breaker = config.breaker_of(run.rule)
+        breaker = config.breaker_of(run.rule, run.remediation)
         recorded = None
         if guards is not None:
             recorded = guards.record(

@@ -137,6 +137,35 @@ def test_cooldown_groups_and_budgets_are_validated() -> None:
         assert caught.value.problems[0].startswith(problem), caught.value.problems
 
 
+def test_breaker_settings_come_from_the_rule_the_remediation_or_the_default() -> None:
+    """A rule's breaker wins, then the remediation's, then the top-level default."""
+    raw = compat_config(
+        extra_rules=[
+            {
+                "name": "own",
+                "match": ['a="b"'],
+                "remediation": "http_request",
+                "breaker": {"failures": 5, "cool_down": "1m"},
+                "params": {"url": HOOK},
+            }
+        ]
+    )
+    config = parse_config(
+        raw
+        | {
+            "breaker": {"failures": 4, "cool_down": "20m"},
+            "remediations": {"run_command": {"breaker": {"failures": 2, "cool_down": "30m"}}},
+        }
+    )
+    assert config.breaker_of("own", "http_request").failures == 5
+    assert config.breaker_of("probe-command", "run_command").cool_down_s == 1800.0
+    assert config.breaker_of("probe-http", "http_request").failures == 4
+    assert parse_config(compat_config()).breaker_of(None, "http_request").cool_down_s == 600.0
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw | {"remediations": {"restart_everything": {}}})
+    assert caught.value.problems[0].startswith("remediations.restart_everything: unknown remediation")
+
+
 def _handle(url: str, config: ResponderConfig, payload: dict[str, Any]) -> list[str]:
     p = WebhookPayload.model_validate(payload)
     with transaction(url) as session:

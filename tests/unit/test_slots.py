@@ -189,6 +189,34 @@ def test_budget_of_3_with_10_alerts_runs_3_skips_7_and_escalates_once(
     assert sum(len(p.runs) for p in published) == 4  # 3 remediations and the escalation
 
 
+def test_escalations_have_a_budget_of_their_own(ledger_url: str, redis_server: EmbeddedRedis) -> None:
+    """limits.max_escalations 1 per hour: two budgets spent, one page goes out and the second
+    escalation is recorded skipped (budget); neither counts in the runs' global budget."""
+    rules = [
+        *RULES,
+        {
+            "name": "budgeted2",
+            "match": ['alertname="Budgeted2"'],
+            "remediation": "http_request",
+            "max_runs": {"count": 1, "per": "1h"},
+            "params": {"url": HOOK},
+        },
+    ]
+    raw = make_config(rules=rules).model_dump(by_alias=True)
+    cfg = ResponderConfig.model_validate(
+        {**raw, "escalation": ESCALATION, "limits": {"max_escalations": {"count": 1, "per": "1h"}}}
+    )
+    guards = GuardState(
+        redis.Redis.from_url(redis_server.url), prefix=f"test:{uuid.uuid4().hex}:", config=cfg
+    )
+    for name, count in (("Budgeted", 4), ("Budgeted2", 2)):
+        for i in range(count):
+            _handle(ledger_url, cfg, guards, alert_payload(name, instance=f"{name}-{i}"))
+    escalations = [(r.status, r.skip_reason) for r in _runs(ledger_url) if r.trigger == "escalation"]
+    assert escalations == [("queued", None), ("skipped", "budget")]
+    assert decide(trigger="escalation", mode="enforce", slot="unavailable") == ("queued", None)
+
+
 def test_cooldown_holds_across_episodes_of_one_group(ledger_url: str, state: GuardState) -> None:
     """A new episode of the same instance within the cooldown is skipped; another instance runs."""
     for instance, starts in (

@@ -414,14 +414,15 @@ def settle_slot(session: Session, run_id: str, *, status: RunStatus, reason: str
     session.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
 
 
-def slots_since(session: Session, since: datetime) -> list[tuple[str, str, str, datetime]]:
-    """(dedupe key, rule, cooldown group, slot time) of the runs that took a slot since ``since``."""
+def slots_since(session: Session, since: datetime) -> list[tuple[str, str, str, datetime, str]]:
+    """(dedupe key, rule, cooldown group, slot time, trigger) of the runs that took a slot since
+    ``since``."""
     rows = session.connection().execute(
-        select(RUNS.c.dedupe_key, RUNS.c.rule, RUNS.c.guard_key, RUNS.c.slot_at).where(
+        select(RUNS.c.dedupe_key, RUNS.c.rule, RUNS.c.guard_key, RUNS.c.slot_at, RUNS.c.trigger).where(
             RUNS.c.slot_at >= since, RUNS.c.rule.is_not(None), RUNS.c.guard_key.is_not(None)
         )
     )
-    return [(key, rule, group, at) for key, rule, group, at in rows]
+    return [(key, rule, group, at, trigger) for key, rule, group, at, trigger in rows]
 
 
 def save_breaker(
