@@ -227,6 +227,8 @@ def execute(
         log.warning("attempts_abandoned", attempts=claim.abandoned)
     log.info("attempt_started", attempt=claim.number, probe=bool(held and held[0].probe))
     if held and held[0].transition == "half_opened":
+        telemetry.count_breaker_transition(run.remediation, "half_opened")
+        log.info("breaker_half_opened", breaker=held[0].key, probe=True)
         _breaker_moved(run, held[0].key, "half_open", settings, config, failures=None, error=None)
     with leases.kept(
         url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s

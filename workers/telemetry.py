@@ -153,7 +153,7 @@ BREAKER_STATE = Gauge(
 )
 BREAKER_TRANSITIONS = Counter(
     "responder_breaker_transitions_total",
-    "Circuit breaker transitions, by remediation and transition (opened, reopened, closed).",
+    "Circuit breaker transitions, by remediation and transition (opened, half_opened, reopened, closed).",
     ["remediation", "transition"],
 )
 

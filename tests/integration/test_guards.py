@@ -374,6 +374,16 @@ def test_breaker_shared_by_two_workers_opens_probes_once_and_closes(
     (closed,) = httpx.get(f"{stack.base_url}/api/v1/breakers", headers=headers, timeout=10).json()["breakers"]
     assert (closed["state"], closed["failures"]) == ("closed", 0)
     assert failing_calls == 3 and [c.path for c in stack.target.calls].count("/page") == 1
+    logged = {
+        event: stack.count("worker", event) + stack.count("worker2", event)
+        for event in ("breaker_opened", "breaker_half_opened", "breaker_reopened", "breaker_closed")
+    }
+    assert logged == {
+        "breaker_opened": 1,
+        "breaker_half_opened": 1,
+        "breaker_reopened": 0,
+        "breaker_closed": 1,
+    }
 
 
 def test_one_run_at_a_time_per_target_skips_or_waits(
