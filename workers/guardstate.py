@@ -163,7 +163,8 @@ def from_ledger(session: Session) -> Ledger:
 
 
 class GuardState:
-    """Cooldown and budget slots on one Redis, for one config."""
+    """The shared guard state on one Redis, for one config: cooldown and budget slots, the
+    circuit breakers and target locks (``breakers``), and their rebuild from the ledger."""
 
     def __init__(self, client: redis.Redis, *, prefix: str, config: ResponderConfig) -> None:
         self.client = client
