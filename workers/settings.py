@@ -60,13 +60,15 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=10.0, gt=0)
     reconcile_after_s: float = Field(default=30.0, ge=0)
     redeliver_after_s: float = Field(default=60.0, gt=0)
-    # Dispatcher (beat): how often waiting runs whose grace period has passed are released.
+    # Dispatcher (beat): how often waiting runs whose grace period has passed are released, and
+    # succeeded runs due for verification (repeat, verify_within) looked at.
     dispatch_interval_s: float = Field(default=1.0, gt=0)
     # Starts of handle_alert (or publishes of a never-claimed run) before giving up on it:
     # a poison message ends recorded with its error, never in a silent loop.
     max_deliveries: int = Field(default=5, ge=1)
 
-    # Cooldown and budget state in Redis (workers.guardstate); separate prefixes keep deployments apart.
+    # Guard state in Redis (cooldowns, budgets, breakers, target locks: workers.guardstate);
+    # separate prefixes keep deployments apart.
     guard_key_prefix: str = "responder:guard:"
 
     # Celery beat's Redis keys (celery-redbeat); separate prefixes keep deployments apart.

@@ -186,7 +186,8 @@ def reconcile() -> dict[str, int]:
 
 @shared_task(name=DISPATCH, ignore_result=True)
 def dispatch() -> dict[str, int]:
-    """Release the waiting runs whose grace period has passed (a failed pass: the next one)."""
+    """Release the waiting runs whose grace period has passed and verify the succeeded runs due
+    (a failed pass: the next one does it)."""
     settings = get_settings()
     config = _config()
     done = dispatcher.release_due(
