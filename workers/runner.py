@@ -49,8 +49,9 @@ log = telemetry.get_logger(__name__)
 
 # "deferred": the run's target was locked and it may still wait for it: delivered again shortly.
 Outcome = Literal["succeeded", "failed", "retry", "skipped", "deferred"]
-# How long a run waiting for its target's lock waits between two tries.
+# How long a run waiting for its target's lock, or for the guard state, waits between two tries.
 LOCK_RETRY_S = 1.0
+GUARD_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ def execute(
     the same run (after a worker died, or a retry) finds them its own, never locked out by itself.
     """
     held: list[_Held] = []
+    deferred: list[tuple[str, float]] = []  # why the run must wait, and for how long
 
     def gate(session: Session, run: Row[Any]) -> GateVerdict | None:
         if guards is None:
@@ -187,10 +189,16 @@ def execute(
         if verdict == "locked":
             # Waited since the run was queued (a re-delivery for the lock keeps that time).
             waited = (utcnow() - (run.enqueued_at or utcnow())).total_seconds()
-            return "lock_wait" if rule and rule.lock_wait_s and waited < rule.lock_wait_s else "locked"
+            if rule and rule.lock_wait_s and waited < rule.lock_wait_s:
+                deferred.append(("locked", LOCK_RETRY_S))
+                return "lock_wait"
+            return "locked"
         if verdict == "unavailable":
             if run.destructive or config.limits.non_destructive_without_guard_state == "skip":
-                return "guard_state_unavailable"
+                # Not run unguarded, and not given up for a Redis outage either: the run stays
+                # queued and is delivered again (by the reconciler if Redis cannot take it now).
+                deferred.append(("guard_state_unavailable", GUARD_RETRY_S))
+                return "lock_wait"
             return None
         held.append(_Held(key, verdict == "probe", transition, run.target))
         return None
@@ -211,8 +219,9 @@ def execute(
         )
     run = claim.run
     if claim.kind == "lock_wait":
-        log.info("run_waiting_for_lock", retry_in_s=LOCK_RETRY_S)
-        return Execution("deferred", timeout_s=claim.timeout_s, retry_in_s=LOCK_RETRY_S)
+        reason, retry_in_s = deferred[0] if deferred else ("locked", LOCK_RETRY_S)
+        log.info("run_deferred", reason=reason, retry_in_s=retry_in_s)
+        return Execution("deferred", timeout_s=claim.timeout_s, retry_in_s=retry_in_s)
     if held and claim.kind != "run" and guards is not None:  # passed the gate, then did not start
         guards.record(
             held[0].key, token=run_id, outcome="neutral", threshold=1, cool_down_s=1, target=held[0].target
