@@ -184,7 +184,8 @@ class GuardState:
             return []
         try:
             verdicts = self._take_all(slots)
-            if "unavailable" in verdicts and self.rebuild(ledger):
+            asked = frozenset(slot.member for slot in slots)
+            if "unavailable" in verdicts and self.rebuild(ledger, asking=asked):
                 verdicts = self._take_all(slots)
         except redis.RedisError as exc:
             log.warning("guard_state_unreachable", error_type=type(exc).__name__)
@@ -264,8 +265,13 @@ class GuardState:
             log.warning("breaker_not_recorded", error_type=type(exc).__name__, outcome=outcome)
             return None
 
-    def rebuild(self, ledger: Ledger) -> bool:
+    def rebuild(self, ledger: Ledger, *, asking: frozenset[str] = frozenset()) -> bool:
         """Write back every slot the ledger says is still held, then mark the state ready.
+
+        ``asking``: the members whose slots the caller is asking for now. The caller's session
+        already holds their runs, slot time included, uncommitted; read back as held, each would
+        find "its own" slot and a batch would overrun its budget, so they are left out: none of
+        them holds a slot until the script grants it.
 
         One worker rebuilds at a time (a lock); the others wait for it, up to ``REBUILD_WAIT_S``
         (a rebuild takes milliseconds), then answer ``unavailable`` for this decision. Returns
@@ -286,7 +292,7 @@ class GuardState:
             now_ms = seconds * 1000 + micros // 1000
             now = datetime.fromtimestamp(now_ms / 1000, tz=UTC)
             copy = ledger(now - timedelta(seconds=self.longest_window_s()))
-            taken = copy.slots
+            taken = [slot for slot in copy.slots if slot.member not in asking]
             pipe = self.client.pipeline(transaction=False)
             self.breakers.restore(pipe, copy.breakers)
             for target, token, until in copy.locks:

@@ -107,7 +107,8 @@ def test_state_lost_is_rebuilt_from_the_ledger_before_deciding(state: GuardState
         asked.append(since)
         return LedgerCopy(held)
 
-    assert state.take([slot("newcomer"), slot("holder")], ledger=ledger) == ["cooldown", "ok"]
+    assert state.take([slot("newcomer")], ledger=ledger) == ["cooldown"]
+    assert state.take([slot("holder")], ledger=ledger) == ["ok"]  # a redelivery of the holder
     assert len(asked) == 1 and utcnow() - asked[0] > timedelta(minutes=59)  # the longest window, 1h
     expired = [TakenSlot("old", "cooled", "h", utcnow() - timedelta(minutes=20))]
     state.client.flushdb()
@@ -187,6 +188,31 @@ def test_budget_of_3_with_10_alerts_runs_3_skips_7_and_escalates_once(
         f"rule budgeted: budget of 3 runs per 3600s reached (Budgeted, run {first_refused.id})"
     )
     assert sum(len(p.runs) for p in published) == 4  # 3 remediations and the escalation
+
+
+def test_a_batch_deciding_while_the_state_is_rebuilt_keeps_the_budget(
+    ledger_url: str, state: GuardState
+) -> None:
+    """One webhook of 5 matching alerts is the first decision after Redis lost its memory: the
+    rebuild must not read the batch's own uncommitted runs back as slots already held (each
+    would then find "its own" slot): 3 queued, 2 skipped (budget)."""
+    payload = alert_payload("Budgeted", instance="b0")
+    for i in range(1, 5):
+        payload["alerts"].append(alert_payload("Budgeted", instance=f"b{i}")["alerts"][0])
+    assert not state.client.exists(state.key("ready"))
+    p = WebhookPayload.model_validate(payload)
+    with transaction(ledger_url) as session:
+        events = repository.record_events(session, p.alerts, receiver="r", group_key="g")
+    settings = Settings(database_url=ledger_url)
+    handle_events(
+        event_ids=[e.event_id for e in events],
+        settings=settings,
+        config=state.config,
+        publisher=RecordingPublisher(settings),
+        guards=state,
+    )
+    alert_runs = [(r.status, r.skip_reason) for r in _runs(ledger_url) if r.trigger == "alert"]
+    assert sorted(alert_runs, key=str) == [("queued", None)] * 3 + [("skipped", "budget")] * 2
 
 
 def test_escalations_have_a_budget_of_their_own(ledger_url: str, redis_server: EmbeddedRedis) -> None:
