@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import redis
@@ -210,7 +210,13 @@ def memory_mib(pid: int) -> tuple[float, float]:
 
 
 class Bench(contextlib.ExitStack):
-    """A scratch directory and every process started for one measurement, stopped on exit."""
+    """A scratch directory and every process started for one measurement, stopped on exit.
+
+    ``telemetry``: more environment for the system's processes (``bench.telemetry`` turns
+    tracing and its export on or off with it).
+    """
+
+    telemetry: ClassVar[dict[str, str]] = {}
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -309,7 +315,16 @@ class Bench(contextlib.ExitStack):
             "RESPONDER_INGEST_TOKENS": INGEST,
             "RESPONDER_OPERATOR_TOKENS": OPERATOR,
             "RESPONDER_LOG_FORMAT": "json",
+            **self.telemetry,
         }
+
+    def otlp_sink(self) -> str:
+        """A local OTLP/HTTP endpoint (``bench.otlp_sink``); returns its URL once it answers."""
+        port = free_port()
+        self.spawn("otlp-sink", [sys.executable, "-m", "bench.otlp_sink", str(port)])
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(url + "/count"), timeout=20, what="the OTLP sink")
+        return url
 
     def receiver(self, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
         """``responder serve`` on a free port; returns its base URL once it answers."""

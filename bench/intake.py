@@ -58,10 +58,11 @@ def measure_floor(report: Report, args: argparse.Namespace, run: str) -> None:
 
 
 def measure_receiver(
-    report: Report, args: argparse.Namespace, run: str, database: str, duplicates: bool
+    report: Report, args: argparse.Namespace, run: str, database: str, duplicates: bool, tag: str = ""
 ) -> None:
-    key = f"{database}{'_dup' if duplicates else ''}"
-    label = f"receiver {database}{', all duplicates' if duplicates else ''}"
+    """``tag``: a prefix of the report's keys and labels (``bench.telemetry``'s modes)."""
+    key = f"{tag}{database}{'_dup' if duplicates else ''}"
+    label = f"{tag}receiver {database}{', all duplicates' if duplicates else ''}"
     with Bench(f"intake-{key}") as bench:
         redis_url = bench.redis()
         ledger = bench.ledger(database)

@@ -172,8 +172,9 @@ def drain_floor(report: Report, count: int) -> None:
         )
 
 
-def drain(report: Report, count: int, run: str, database: str) -> None:
-    key = "drain" if database == "sqlite" else f"drain_{database}"
+def drain(report: Report, count: int, run: str, database: str, tag: str = "") -> None:
+    """``tag``: a prefix of the report's keys and labels (``bench.telemetry``'s modes)."""
+    key = tag + ("drain" if database == "sqlite" else f"drain_{database}")
     with Bench(key) as bench:
         redis_url = bench.redis()
         ledger = bench.ledger(database)
@@ -194,9 +195,9 @@ def drain(report: Report, count: int, run: str, database: str) -> None:
             wait_for(lambda: target.count() >= total, timeout=1200, what="the backlog to drain", interval=0.1)
         elapsed = time.monotonic() - t0
         report.add(
-            key, total / elapsed, name=f"alerts remediated from a backlog ({database})", unit="alerts/s"
+            key, total / elapsed, name=f"{tag}alerts remediated from a backlog ({database})", unit="alerts/s"
         )
-        if database == "sqlite":
+        if database == "sqlite" and not tag:
             report.add("worker_load_pss", peaks.get("worker_pss", 0.0), name="worker PSS peak", unit="MiB")
             report.add("worker_load_rss", peaks.get("worker_rss", 0.0), name="worker RSS peak", unit="MiB")
 

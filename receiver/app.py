@@ -6,10 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.concurrency import run_in_threadpool
 
 from receiver import deps, errors, intake
+from receiver.middleware import RequestContext
 from receiver.routes import alertmanager, breakers, ops, pause, runs
+from workers import tracing
 from workers.publishing import Publisher
 from workers.settings import Settings, get_settings
 
@@ -30,7 +33,13 @@ def create_app(
         yield
         intake.stop_all()  # commit and publish what is queued before the process exits
 
-    app = FastAPI(title="alert-responder", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="alert-responder", version=tracing.version(), lifespan=lifespan)
+    app.add_middleware(RequestContext)
+    # The request's server span (a W3C traceparent from the caller is its parent); probes and
+    # scrapes are left out, and so are the per-chunk receive/send spans.
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls="/healthz,/readyz,/metrics", exclude_spans=["receive", "send"]
+    )
     app.state.settings = settings
     app.state.publisher = publisher
     errors.install(app)
@@ -43,5 +52,7 @@ def create_app(
 
 
 def serve_app() -> FastAPI:
-    """The application ``responder serve`` runs: warmed up before it answers the first webhook."""
+    """The application ``responder serve`` runs: traced, and warmed up before it answers the
+    first webhook."""
+    tracing.configure_tracing("receiver")
     return create_app(warm_up=True)

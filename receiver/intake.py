@@ -106,15 +106,18 @@ class Intake:
             self._publishes.put(None)
             threads[1].join(timeout=30)
 
-    async def accept(self, payload: WebhookPayload) -> list[repository.RecordedEvent]:
-        """Record a webhook's alerts (returns once committed) and publish the new ones.
+    async def accept(
+        self, payload: WebhookPayload, *, trace_context: dict[str, str] | None = None
+    ) -> list[repository.RecordedEvent]:
+        """Record a webhook's alerts (returns once committed) and publish the new ones;
+        ``trace_context``: the webhook's, kept on its events (``workers.tracing``).
 
         Publishing waits at most ``RESPONDER_PUBLISH_BUDGET_S``: past it the answer is still
         given (the alerts are committed) and the publisher thread or the reconciler sends them.
         """
         loop = asyncio.get_running_loop()
         pending = _Pending(
-            repository.Notification(payload.alerts, payload.receiver, payload.group_key),
+            repository.Notification(payload.alerts, payload.receiver, payload.group_key, trace_context),
             loop,
             loop.create_future(),
             loop.create_future(),
@@ -162,8 +165,13 @@ class Intake:
     def _publish_loop(self) -> None:
         while (batch := _take_waiting(self._publishes)) is not None:
             ids = [event_id for pending in batch for event_id in pending.new]
+            traces = {
+                event_id: pending.notification.trace_context for pending in batch for event_id in pending.new
+            }
             try:
-                publish_events(ids, settings=self.settings, publisher=self.publisher, marked=True)
+                publish_events(
+                    ids, settings=self.settings, publisher=self.publisher, marked=True, traces=traces
+                )
             except Exception:  # never let the thread die: the reconciler sends what is left
                 log.exception("publish_crashed", events=len(ids))
             for pending in batch:

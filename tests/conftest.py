@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.stack import Stack
+from workers import tracing
 from workers.dev import EmbeddedRedis
 from workers.ledger.db import dispose_all, make_engine
 from workers.ledger.migrate import upgrade
@@ -42,6 +47,25 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def _span_exporter() -> InMemorySpanExporter:
+    """Every span of this test process kept in memory, on whichever provider the process set
+    up first (a test may have started the receiver's application, which sets up its own)."""
+    exporter = InMemorySpanExporter()
+    tracing.configure_tracing("test")
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider), "OTEL_SDK_DISABLED is set for the tests"
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+def spans(_span_exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    """The spans finished during the test (cleared before it)."""
+    _span_exporter.clear()
+    return _span_exporter
 
 
 @pytest.fixture

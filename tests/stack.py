@@ -43,14 +43,17 @@ class Call:
 
 class TargetServer:
     """The endpoint remediations call: records every request; answers ``status`` (or the status
-    of the longest matching prefix in ``path_status``) after ``delay_s``."""
+    of the longest matching prefix in ``path_status``) after ``delay_s``; ``fail_first[path]``:
+    that many calls to ``path`` are answered 503 first."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.status = 200
         self.path_status: dict[str, int] = {}
+        self.fail_first: dict[str, int] = {}
         self.delay_s = 0.0
         target = self
+        lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
@@ -58,7 +61,12 @@ class TargetServer:
                 target.calls.append(Call(self.command, self.path, self.rfile.read(length), time.time()))
                 time.sleep(target.delay_s)
                 prefixes = sorted((p for p in target.path_status if self.path.startswith(p)), key=len)
-                self.send_response(target.path_status[prefixes[-1]] if prefixes else target.status)
+                status = target.path_status[prefixes[-1]] if prefixes else target.status
+                with lock:
+                    if target.fail_first.get(self.path, 0) > 0:
+                        target.fail_first[self.path] -= 1
+                        status = 503
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

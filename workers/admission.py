@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from workers import telemetry
+from workers import telemetry, tracing
 from workers.guardstate import ESCALATIONS, GuardState, Slot, Verdict, from_ledger
 from workers.ledger import repository
 from workers.ledger.models import utcnow
@@ -80,6 +80,8 @@ class RunRequest:
     # step trigger: the runbook run and the step's name
     parent_run_id: str | None = None
     step: str | None = None
+    # The trace context its attempts continue (workers.tracing); by default the current span's.
+    trace_context: dict[str, str] | None = None
 
     def dedupe_key(self) -> str:
         """The key that makes this action at most once, whatever the trigger."""
@@ -104,6 +106,8 @@ class Admission:
     timeout_s: float
     # What the shared state answered, when the run asked for a cooldown or budget slot.
     slot: Verdict | None = None
+    # The trace context recorded on the run (a new run's).
+    trace_context: dict[str, str] | None = None
 
 
 def decide(
@@ -166,6 +170,7 @@ def admit(
     if not requests:
         return []
     now = utcnow()
+    current = tracing.current_carrier() or None
     paused = repository.current_pause(session).paused
     episodes = {(r.fingerprint or "", r.starts_at or "") for r in requests if r.trigger == "alert"}
     resolved = repository.resolved_episodes(session, episodes) if episodes else set()
@@ -219,6 +224,7 @@ def admit(
                 "finished_at": now if status in FINISHED else None,
                 "enqueued_at": now if published and queued else None,
                 "publishes": 1 if published and queued else 0,
+                "trace_context": request.trace_context or current,
             }
         )
     inserted = repository.insert_runs(session, rows)
@@ -248,7 +254,11 @@ def admit(
     for i, (request, row, (status, reason)) in enumerate(zip(requests, rows, decisions, strict=True)):
         if row["id"] in inserted:
             telemetry.count_decision(status, reason)
-            admissions.append(Admission(row["id"], status, reason, True, request.timeout_s, verdicts.get(i)))
+            admissions.append(
+                Admission(
+                    row["id"], status, reason, True, request.timeout_s, verdicts.get(i), row["trace_context"]
+                )
+            )
             continue
         run = existing.get(row["dedupe_key"])
         if run is None:  # pragma: no cover - the conflicting row is committed and never deleted

@@ -22,12 +22,15 @@ if TYPE_CHECKING:
 # template engine and matchers (about 6 MiB of its memory at rest).
 
 
-def _logging() -> None:
-    """Per-process setup from settings: the logging pipeline and the ledger's lock timeout."""
+def _logging(role: str) -> None:
+    """Per-process setup from settings: the logging pipeline for ``role`` (its lines'
+    ``service``) and the ledger's lock timeout."""
     from workers.ledger.db import configure
 
     settings = get_settings()
-    telemetry.configure_logging(fmt=settings.log_format, level=settings.log_level)
+    telemetry.configure_logging(
+        fmt=settings.log_format, level=settings.log_level, service=f"responder-{role}"
+    )
     configure(lock_timeout_s=settings.db_lock_timeout_s)
 
 
@@ -56,7 +59,7 @@ def serve(host: str, port: int) -> None:
     import uvicorn
 
     settings = get_settings()
-    _logging()
+    _logging("receiver")
     missing = [n for n in ("ingest", "operator") if not getattr(settings, f"{n}_tokens")]
     if missing:
         names = " and ".join(f"RESPONDER_{n.upper()}_TOKENS" for n in missing)
@@ -103,7 +106,7 @@ def worker(concurrency: int | None, queues: list[str], celery_args: tuple[str, .
     from workers.runner import check_delivery_settings
 
     settings = get_settings()
-    _logging()
+    _logging("worker")
     config = _load(settings.config)
     try:
         check_delivery_settings(settings, config)
@@ -122,7 +125,7 @@ def beat() -> None:
     from workers.schedules import beat_schedule
 
     settings = get_settings()
-    _logging()
+    _logging("beat")
     app = _worker_app()
     app.conf.beat_schedule = beat_schedule(settings)
     app.start(["beat", "--loglevel", settings.log_level])

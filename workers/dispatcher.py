@@ -57,6 +57,7 @@ def release_due(
         now = db_now(session)
         paused = repository.current_pause(session).paused
         due = repository.due_waiting_runs(session, now=now, limit=BATCH)
+        traces: dict[str, dict[str, str] | None] = {}
         facts: list[dict[str, Any]] = []
         decisions: list[tuple[RunStatus, str | None]] = []
         for run in due:
@@ -100,6 +101,7 @@ def release_due(
                 )
                 if moved:
                     queued.append((run.id, run.timeout_s))
+                    traces[run.id] = run.trace_context
             else:
                 moved = attempts.transition_run(
                     session, run.id, status, expect=[RunStatus.WAITING], skip_reason=reason
@@ -132,5 +134,5 @@ def release_due(
         ]
         queued.extend(escalate(session, causes, config, guards))
         queued.extend(verification.verify_due(session, now=now, config=config, guards=guards))
-    publish_runs(queued, settings=settings, publisher=publisher, marked=True)
+    publish_runs(queued, settings=settings, publisher=publisher, marked=True, traces=traces)
     return Released(queued=len(queued), refused=refused)

@@ -16,12 +16,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
+from opentelemetry import trace
 from pydantic import ValidationError
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
-from workers import telemetry
+from workers import telemetry, tracing
 from workers.admission import Mode, RunRequest, Trigger, admit, decide
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
@@ -213,9 +214,12 @@ def plan_rule(
     return Plan(**base, error=error)
 
 
-def request_for(plan: Plan, event: AlertEvent, *, repeat: int = 0) -> RunRequest:
+def request_for(
+    plan: Plan, event: AlertEvent, *, repeat: int = 0, trace_context: dict[str, str] | None = None
+) -> RunRequest:
     """The admission request of one rule's plan for one alert event (``repeat``: the how-manieth
-    extra run of the episode, ``workers.verification``)."""
+    extra run of the episode, ``workers.verification``); its attempts continue ``trace_context``
+    (by default the event's trace)."""
     return RunRequest(
         trigger=plan.trigger,
         remediation=plan.remediation,
@@ -234,6 +238,7 @@ def request_for(plan: Plan, event: AlertEvent, *, repeat: int = 0) -> RunRequest
         event_id=event.id,
         fingerprint=event.fingerprint,
         starts_at=event.starts_at,
+        trace_context=trace_context or event.trace_context,
     )
 
 
@@ -301,35 +306,51 @@ def handle_events(
         session.expunge_all()
     failed: dict[str, Exception] = {}
     planned: list[_EventPlan] = []
-    for event in events:
-        try:
-            planned.append(_plan_event(event, config))
-        except Exception as exc:  # a stored event that no longer parses: this event, not the message
-            log.exception("event_planning_failed", event_id=event.id)
-            failed[event.id] = exc
+    # One span per event, in the event's own trace (its webhook's), open until its runs are decided.
+    spans = {
+        event.id: tracing.start_span(
+            "plan_alert",
+            event.trace_context,
+            **{"alert.fingerprint": event.fingerprint, "alert.status": event.status, "event.id": event.id},
+        )
+        for event in events
+    }
     created: list[tuple[str, float]] = []
+    traces: dict[str, dict[str, str] | None] = {}
     try:
-        with transaction(settings.database_url) as session:
-            created = _admit(session, planned, config, guards)
-    except Exception as exc:
-        if is_transient_ledger_error(exc) or len(planned) < 2:
-            raise  # transient: the whole message is retried; nothing of it was committed
-        for one in planned:
+        for event in events:
             try:
-                with transaction(settings.database_url) as session:
-                    created.extend(_admit(session, [one], config, guards))
-            except Exception as single:
-                if is_transient_ledger_error(single):
-                    raise
-                log.exception("event_admission_failed", event_id=one.event.id)
-                failed[one.event.id] = single
+                planned.append(_plan_event(event, config, spans[event.id]))
+            except Exception as exc:  # a stored event that no longer parses: this event, not the message
+                log.exception("event_planning_failed", event_id=event.id)
+                spans[event.id].record_exception(exc)
+                failed[event.id] = exc
+        try:
+            with transaction(settings.database_url) as session:
+                created = _admit(session, planned, config, guards, spans, traces)
+        except Exception as exc:
+            if is_transient_ledger_error(exc) or len(planned) < 2:
+                raise  # transient: the whole message is retried; nothing of it was committed
+            for one in planned:
+                try:
+                    with transaction(settings.database_url) as session:
+                        created.extend(_admit(session, [one], config, guards, spans, traces))
+                except Exception as single:
+                    if is_transient_ledger_error(single):
+                        raise
+                    log.exception("event_admission_failed", event_id=one.event.id)
+                    spans[one.event.id].record_exception(single)
+                    failed[one.event.id] = single
+    finally:
+        for span in spans.values():
+            span.end()
     if failed:
         with transaction(settings.database_url) as session:
             for event_id, problem in failed.items():
                 repository.note_event_error(
                     session, event_id, error=f"{type(problem).__name__}: {problem}"[:2000]
                 )
-    publish_runs(created, settings=settings, publisher=publisher, marked=True)
+    publish_runs(created, settings=settings, publisher=publisher, marked=True, traces=traces)
     if failed:
         raise EventsFailed(f"{len(failed)} of {len(event_ids)} events not planned: {', '.join(failed)}")
     return [run_id for run_id, _ in created]
@@ -338,33 +359,49 @@ def handle_events(
 @dataclass(frozen=True)
 class _EventPlan:
     """One event and the plans of its matching rules (for a resolved event, their
-    ``on_resolved`` actions)."""
+    ``on_resolved`` actions), and the context of the span that planned them."""
 
     event: AlertEvent
     matched: int
     plans: list[Plan]
+    trace_context: dict[str, str] | None = None
 
 
-def _plan_event(event: AlertEvent, config: ResponderConfig) -> _EventPlan:
-    """Match and plan one event's rules (no ledger access)."""
+def _plan_event(event: AlertEvent, config: ResponderConfig, span: trace.Span) -> _EventPlan:
+    """Match and plan one event's rules (no ledger access); what matched is an event of ``span``."""
     alert = event_alert(event)
     rules = config.matching_rules(alert.labels)
+    span.add_event("rules_matched", {"rules": [rule.name for rule in rules], "count": len(rules)})
     if alert.status == "resolved":
         # A resolved event never runs a firing rule's remediation: its episode's pending runs
         # are cancelled when it is admitted (``_admit``), and the rules' on_resolved run.
         log.info("resolved_event_handled", event_id=event.id, matched_rules=len(rules))
         actions = [plan_rule(rule, alert, config, trigger="resolved") for rule in rules if rule.on_resolved]
-        return _EventPlan(event, len(rules), actions)
+        return _EventPlan(event, len(rules), actions, tracing.carrier_of(span, _correlation(event)))
     if not rules:
         log.info("no_rule_matched", event_id=event.id, fingerprint=event.fingerprint)
-    return _EventPlan(event, len(rules), [plan_rule(rule, alert, config) for rule in rules])
+    plans = [plan_rule(rule, alert, config) for rule in rules]
+    return _EventPlan(event, len(rules), plans, tracing.carrier_of(span, _correlation(event)))
+
+
+def _correlation(event: AlertEvent) -> str | None:
+    """The correlation id of the webhook that brought ``event``."""
+    return (event.trace_context or {}).get(tracing.REQUEST_ID)
 
 
 def _admit(
-    session: Session, planned: Sequence[_EventPlan], config: ResponderConfig, guards: GuardState | None
+    session: Session,
+    planned: Sequence[_EventPlan],
+    config: ResponderConfig,
+    guards: GuardState | None,
+    spans: dict[str, trace.Span] | None = None,
+    traces: dict[str, dict[str, str] | None] | None = None,
 ) -> list[tuple[str, float]]:
     """Cancel the pending runs of resolved episodes, admit every plan and mark the events
-    handled; returns (run id, timeout) of the queued runs."""
+    handled; returns (run id, timeout) of the queued runs, and puts their trace contexts in
+    ``traces``. Each decision is an event of its alert's span in ``spans``."""
+    spans = spans or {}
+    traces = traces if traces is not None else {}
     resolved = [
         (one.event.fingerprint, one.event.starts_at) for one in planned if one.event.status == "resolved"
     ]
@@ -375,7 +412,10 @@ def _admit(
             log.info("run_cancelled", run_id=run_id, reason="resolved")
     requests = [(one, plan) for one in planned for plan in one.plans]
     admissions = admit(
-        session, [request_for(plan, one.event) for one, plan in requests], published=True, guards=guards
+        session,
+        [request_for(plan, one.event, trace_context=one.trace_context) for one, plan in requests],
+        published=True,
+        guards=guards,
     )
     repository.mark_events_handled(session, {one.event.id: one.matched for one in planned})
     queued: list[tuple[str, float]] = []
@@ -406,9 +446,23 @@ def _admit(
             reason=admission.reason,
             error=plan.error,
         )
+        span = spans.get(one.event.id)
+        if span is not None:
+            span.add_event(
+                "run_decided",
+                {
+                    "run.id": admission.run_id,
+                    "rule": plan.rule,
+                    "remediation": plan.remediation,
+                    "status": admission.status.value,
+                    "reason": admission.reason or "",
+                },
+            )
         if admission.status == RunStatus.QUEUED:
             queued.append((admission.run_id, admission.timeout_s))
-    return queued + escalate(session, causes, config, guards)
+            traces[admission.run_id] = admission.trace_context
+    escalations = escalate(session, causes, config, guards)
+    return queued + escalations
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
-from workers import telemetry
+from workers import telemetry, tracing
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, Run
@@ -32,6 +32,12 @@ class Message:
     soft_time_limit: float
     time_limit: float
     countdown: float = 0.0
+    # The trace context (and correlation id) of the row it is about, sent as headers.
+    trace_context: tracing.Carrier | None = None
+
+
+# Trace contexts by event or run id (the rows'), for the messages about them.
+Traces = Mapping[str, "tracing.Carrier | None"]
 
 
 # Events per handle_alert message: the events of a webhook in one message, a large group split
@@ -76,18 +82,24 @@ class Publisher:
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=PIPELINE_SIZE):
                 for message in messages:
-                    self.app.send_task(
-                        message.task,
-                        args=list(message.args),
-                        countdown=message.countdown or None,
-                        soft_time_limit=math.ceil(message.soft_time_limit),
-                        time_limit=math.ceil(message.time_limit),
-                        producer=producer,
-                        retry=False,  # buffered: the batch's flush is what talks to Redis
-                        # Celery would repr() the args into a header for monitors: ids say little.
-                        argsrepr=f"({len(message.args)} ids)",
-                        kwargsrepr="{}",
-                    )
+                    # In its row's trace: a worker's Celery instrumentation injects the current
+                    # context into the headers, whatever else (a reconciler pass) is current.
+                    # Without a row's context (a retry), the current one and its correlation id.
+                    carrier = message.trace_context or tracing.current_carrier()
+                    with tracing.attached(message.trace_context):
+                        self.app.send_task(
+                            message.task,
+                            args=list(message.args),
+                            countdown=message.countdown or None,
+                            soft_time_limit=math.ceil(message.soft_time_limit),
+                            time_limit=math.ceil(message.time_limit),
+                            producer=producer,
+                            retry=False,  # buffered: the batch's flush is what talks to Redis
+                            # Celery would repr() the args into a header for monitors: ids say little.
+                            argsrepr=f"({len(message.args)} ids)",
+                            kwargsrepr="{}",
+                            headers=tracing.headers(carrier) or None,
+                        )
         except Exception as exc:  # any failure is recoverable: the ledger keeps the ids
             raise PublishError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -127,14 +139,25 @@ def _publish(
 
 
 def publish_events(
-    event_ids: Sequence[str], *, settings: Settings, publisher: Publisher, marked: bool = False
+    event_ids: Sequence[str],
+    *,
+    settings: Settings,
+    publisher: Publisher,
+    marked: bool = False,
+    traces: Traces | None = None,
 ) -> int:
     """Publish ``handle_alert`` for recorded events, ``EVENTS_PER_MESSAGE`` per message; returns how many.
 
     ``marked``: the events were recorded as published (``record_notifications(published=True)``).
+    ``traces``: the events' trace contexts; a message goes in its first event's trace (the
+    planner links each event's spans to its own).
     """
+    traces = traces or {}
     messages = [
-        publisher.handle_alert(event_ids[i : i + EVENTS_PER_MESSAGE])
+        replace(
+            publisher.handle_alert(event_ids[i : i + EVENTS_PER_MESSAGE]),
+            trace_context=traces.get(event_ids[i]),
+        )
         for i in range(0, len(event_ids), EVENTS_PER_MESSAGE)
     ]
     return _publish(
@@ -149,8 +172,17 @@ def publish_runs(
     publisher: Publisher,
     countdown: float = 0,
     marked: bool = False,
+    traces: Traces | None = None,
 ) -> int:
-    """Publish ``run_remediation`` for (run id, timeout) pairs, one message per run; as ``publish_events``."""
-    messages = [publisher.run_remediation(run_id, timeout_s=t, countdown=countdown) for run_id, t in runs]
+    """Publish ``run_remediation`` for (run id, timeout) pairs, one message per run; as
+    ``publish_events`` (each message in its run's trace)."""
+    traces = traces or {}
+    messages = [
+        replace(
+            publisher.run_remediation(run_id, timeout_s=t, countdown=countdown),
+            trace_context=traces.get(run_id),
+        )
+        for run_id, t in runs
+    ]
     ids = [run_id for run_id, _ in runs]
     return _publish(ids, messages, model=Run, marked=marked, settings=settings, publisher=publisher)

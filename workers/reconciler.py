@@ -56,6 +56,7 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
             limit=BATCH,
         )
         runs: list[tuple[str, float]] = []
+        traces: dict[str, dict[str, str] | None] = dict(event_ids)
         for run in repository.runs_to_enqueue(
             session,
             updated_before=cutoff,
@@ -72,8 +73,10 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
                     log.error("run_given_up", run_id=run.id, deliveries=run.publishes)
                 continue
             runs.append((run.id, run.timeout_s))
-    events = publish_events(event_ids, settings=settings, publisher=publisher) if event_ids else 0
-    run_count = publish_runs(runs, settings=settings, publisher=publisher) if runs else 0
+            traces[run.id] = run.trace_context
+    # Each message in its alert's trace, not this pass's (workers.tracing).
+    events = publish_events(list(event_ids), settings=settings, publisher=publisher, traces=traces)
+    run_count = publish_runs(runs, settings=settings, publisher=publisher, traces=traces) if runs else 0
     result = Reconciled(events=events, runs=run_count, given_up=given_up)
     if result.events or result.runs or result.given_up:
         log.info("reconciled", events=result.events, runs=result.runs, given_up=result.given_up)

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from billiard.exceptions import SoftTimeLimitExceeded
+from opentelemetry import trace
 from pydantic import ValidationError
 from sqlalchemy import Row, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,7 +30,7 @@ from remediations import (
     get_remediation,
     registered,
 )
-from workers import leases, telemetry
+from workers import leases, telemetry, tracing
 from workers.breakers import Outcome as BreakerOutcome
 from workers.breakers import Transition, breaker_key
 from workers.config import ResponderConfig
@@ -232,19 +233,39 @@ def execute(
         log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
         return Execution("failed" if claim.kind == "exhausted" else "skipped")
     telemetry.bind(rule=run.rule, remediation=run.remediation, fingerprint=run.fingerprint, target=run.target)
-    if claim.abandoned:
-        log.warning("attempts_abandoned", attempts=claim.abandoned)
-    log.info("attempt_started", attempt=claim.number, probe=bool(held and held[0].probe))
-    if held and held[0].transition == "half_opened":
-        telemetry.count_breaker_transition(run.remediation, "half_opened")
-        log.info("breaker_half_opened", breaker=held[0].key, probe=True)
-        _breaker_moved(run, held[0].key, "half_open", settings, config, failures=None, error=None)
-    with leases.kept(
-        url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s
-    ) as lease:
-        execution = _run_and_record(run, config, settings, claim.attempt_id, claim.number, lease.cancelled)
-    if held and guards is not None:
-        _count_on_breaker(run, held[0], execution, run_id, settings, config, guards, publisher)
+    # The attempt's span continues the run's trace (its alert's webhook), however it was delivered.
+    span = tracing.start_span(
+        "attempt",
+        run.trace_context,
+        **{
+            "run.id": run.id,
+            "rule": run.rule,
+            "remediation": run.remediation,
+            "target": run.target,
+            "attempt": claim.number,
+            "trigger": run.trigger,
+        },
+    )
+    with trace.use_span(span, end_on_exit=True):
+        if claim.abandoned:
+            log.warning("attempts_abandoned", attempts=claim.abandoned)
+        log.info("attempt_started", attempt=claim.number, probe=bool(held and held[0].probe))
+        if held and held[0].transition == "half_opened":
+            telemetry.count_breaker_transition(run.remediation, "half_opened")
+            span.add_event("breaker_half_opened", {"breaker": held[0].key, "probe": True})
+            log.info("breaker_half_opened", breaker=held[0].key, probe=True)
+            _breaker_moved(run, held[0].key, "half_open", settings, config, failures=None, error=None)
+        with leases.kept(
+            url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s
+        ) as lease:
+            execution = _run_and_record(
+                run, config, settings, claim.attempt_id, claim.number, lease.cancelled
+            )
+        span.set_attribute("outcome", execution.outcome)
+        if execution.error:
+            span.set_status(trace.StatusCode.ERROR, execution.error[:200])
+        if held and guards is not None:
+            _count_on_breaker(run, held[0], execution, run_id, settings, config, guards, publisher)
     return execution
 
 
@@ -290,6 +311,9 @@ def _count_on_breaker(
     )
     if recorded.transition:
         telemetry.count_breaker_transition(run.remediation, recorded.transition)
+        trace.get_current_span().add_event(
+            f"breaker_{recorded.transition}", {"breaker": held.key, "failures": recorded.failures}
+        )
         level = log.info if recorded.transition == "closed" else log.warning
         level(
             f"breaker_{recorded.transition}", breaker=held.key, failures=recorded.failures, probe=held.probe

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     # separate prefixes keep deployments apart.
     guard_key_prefix: str = "responder:guard:"
 
+    # Worker heartbeats (workers.heartbeat, read by /readyz): the sorted set, and how often
+    # each worker writes to it (stale after three intervals).
+    heartbeat_key: str = "responder:heartbeat:workers"
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+
     # Celery beat's Redis keys (celery-redbeat); separate prefixes keep deployments apart.
     redbeat_key_prefix: str = "responder:redbeat:"
 

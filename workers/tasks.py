@@ -10,9 +10,10 @@ from celery import Task, current_app, shared_task, signals
 from sqlalchemy.orm import configure_mappers
 
 from remediations import http
-from workers import dispatcher, planner, reconciler, runner, telemetry
+from workers import dispatcher, planner, reconciler, runner, telemetry, tracing
 from workers.config import ResponderConfig, cached_config
 from workers.guardstate import guard_state
+from workers.heartbeat import Heartbeat
 from workers.ledger.db import configure, connect, is_transient_ledger_error
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import ledger_policy
@@ -69,6 +70,23 @@ def _warm_up_before_fork(**_: Any) -> None:
     gc.freeze()
 
 
+_heartbeats: list[Heartbeat] = []
+
+
+@signals.worker_ready.connect(weak=False)
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """The main process beats for the worker while it runs (``/readyz`` reads it)."""
+    heartbeat = Heartbeat(get_settings(), getattr(sender, "hostname", None) or runner.worker_name())
+    heartbeat.start()
+    _heartbeats.append(heartbeat)
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_heartbeat(**_: Any) -> None:
+    while _heartbeats:
+        _heartbeats.pop().stop()
+
+
 @signals.worker_process_init.connect(weak=False)
 def _warm_up(**_: Any) -> None:
     """Pay a fresh worker process's one-time costs before its first task, not during an alert.
@@ -79,6 +97,7 @@ def _warm_up(**_: Any) -> None:
     (``bench/worker.py``). A failure here is not fatal: the first task meets it again and
     handles it as usual.
     """
+    _trace("worker")
     settings = get_settings()
     try:
         _config()
@@ -89,15 +108,44 @@ def _warm_up(**_: Any) -> None:
         log.warning("worker_warm_up_failed", error_type=type(exc).__name__)
 
 
+def _trace(role: str) -> None:
+    """Tracing for this process (after the fork: the exporter's thread is the child's own) and
+    Celery's instrumentation: a task's span continues the trace in its message's headers."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    tracing.configure_tracing(role)
+    instrumentor = CeleryInstrumentor()  # type: ignore[no-untyped-call]
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument()
+
+
+@signals.beat_init.connect(weak=False)
+def _trace_beat(**_: Any) -> None:
+    _trace("beat")
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def _flush_spans(**_: Any) -> None:
+    """A pool process exits without running ``atexit``: export its last spans first."""
+    tracing.shutdown()
+
+
 @signals.task_prerun.connect(weak=False)
 def _bind_task(task_id: str | None = None, task: Task[Any, Any] | None = None, **_: Any) -> None:
+    """Bind the task and its message's correlation id (the webhook's ``X-Request-ID``) to its
+    log lines and to the trace context its rows keep."""
     telemetry.clear()
+    correlation_id = tracing.request_id(getattr(task.request, tracing.REQUEST_ID, None) if task else None)
+    tracing.CORRELATION_ID.set(correlation_id)
     telemetry.bind(task_id=task_id, task_name=task.name if task else None)
+    if correlation_id:
+        telemetry.bind(correlation_id=correlation_id)
 
 
 @signals.task_postrun.connect(weak=False)
 def _clear_task(**_: Any) -> None:
     telemetry.clear()
+    tracing.CORRELATION_ID.set(None)
 
 
 @shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)

@@ -1,7 +1,7 @@
-"""Logging (structlog, JSON lines in services, console on a TTY) and secret redaction.
+"""Logging (structlog, JSON lines in services, console on a TTY), secret redaction, metrics.
 
-The one place for telemetry: the later observability work (OpenTelemetry, Prometheus metrics)
-plugs in here.
+Every line carries ``service`` (the process's role), and inside a span its ``trace_id`` and
+``span_id`` (``workers.tracing``); a request's or task's ``correlation_id`` is bound to it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, TextIO
 import structlog
 import structlog.tracebacks
 from prometheus_client import Counter, Gauge
+
+from workers import tracing
 
 SECRET_KEY = re.compile(
     r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I
@@ -45,6 +47,17 @@ def _redact_processor(
     return event_dict
 
 
+_service = {"name": "responder"}
+
+
+def _add_service_and_trace(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    event_dict["service"] = _service["name"]
+    event_dict.update(tracing.log_ids())
+    return event_dict
+
+
 class _NamedWriteLogger(structlog.WriteLogger):
     """structlog's ``WriteLogger`` with a ``name``, which ``add_logger_name`` puts on each line."""
 
@@ -53,14 +66,17 @@ class _NamedWriteLogger(structlog.WriteLogger):
         self.name = name
 
 
-def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
-    """One pipeline for our structlog lines and the standard library's (Celery, uvicorn).
+def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | None = None) -> None:
+    """One pipeline for our structlog lines and the standard library's (Celery, uvicorn);
+    ``service``: this process's role (``responder-receiver``...; kept if not given).
 
     Our lines go straight from structlog to the stream (filtered by level before any processor
     runs); only foreign lines go through ``logging`` and structlog's ``ProcessorFormatter``.
     Routing our own lines through ``logging`` as well cost a webhook about 8% of the receiver's
     time for its one line (``docs/benchmarks.md``).
     """
+    if service:
+        _service["name"] = service
     stream = sys.stderr
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     numeric_level = logging.getLevelName(level.upper())
@@ -69,6 +85,7 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO") -> None:
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_service_and_trace,
         _redact_processor,
     ]
     renderer: Any = (

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from receiver.deps import ingest_intake
 from receiver.errors import ApiError, field_errors
-from workers import telemetry
+from workers import telemetry, tracing
 from workers.alerts import WebhookPayload
 
 router = APIRouter(prefix="/api/v1", tags=["alertmanager"])
@@ -79,7 +79,20 @@ async def receive_alertmanager(request: Request) -> Response:
             received=len(payload.alerts),
             receiver=payload.receiver,
         )
-    recorded = await intake.accept(payload)
+    with tracing.tracer.start_as_current_span(
+        "record_alerts", attributes={"alerts": len(payload.alerts)}
+    ) as span:
+        recorded = await intake.accept(payload, trace_context=tracing.current_carrier())
+        for r in recorded:
+            span.add_event(
+                "alert_recorded",
+                {
+                    "fingerprint": r.alert.fingerprint,
+                    "status": r.alert.status,
+                    "result": "accepted" if r.accepted else "duplicate",
+                    "event_id": r.event_id,
+                },
+            )
     accepted = sum(1 for r in recorded if r.accepted)
     if accepted:
         telemetry.ALERTS_RECEIVED.labels(result="accepted").inc(accepted)

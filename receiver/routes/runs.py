@@ -6,10 +6,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, computed_field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 from receiver.deps import RequireOperator, SettingsDep
 from receiver.errors import ApiError
+from workers import tracing
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import Run
@@ -73,6 +74,20 @@ class RunOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempts: list[AttemptOut]
+    trace_context: Annotated[dict[str, Any] | None, Field(exclude=True)] = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def trace_id(self) -> str | None:
+        """The trace (OpenTelemetry, W3C) of the webhook the run came from: its attempts' spans
+        are in it."""
+        return tracing.trace_id(self.trace_context)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def correlation_id(self) -> str | None:
+        """The ``X-Request-ID`` of the webhook (or request) that caused the run."""
+        return (self.trace_context or {}).get(tracing.REQUEST_ID)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

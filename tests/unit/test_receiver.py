@@ -9,11 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import structlog
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from receiver.app import create_app
 from tests.helpers import FIXTURES, RecordingPublisher, alert_payload
+from workers.dev import EmbeddedRedis
+from workers.heartbeat import Heartbeat
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent
@@ -325,3 +329,56 @@ def test_served_app_starts_when_the_broker_and_ledger_are_down(
     finally:
         get_settings.cache_clear()
     assert [e["error_type"] for e in logs if e["event"] == "intake_warm_up_failed"] == ["OperationalError"]
+
+
+def test_request_id_is_taken_or_made_and_returned(client: TestClient) -> None:
+    """A sane X-Request-ID comes back as given; a hostile one is replaced by a fresh id; every
+    request has one access line (route template, status, duration, bytes; no body, no token)."""
+    with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        given = client.post(
+            "/api/v1/alertmanager", content=body(), headers={**INGEST, "X-Request-ID": "am-42"}
+        )
+        hostile = client.get("/api/v1/runs/nope", headers={**OPERATOR, "X-Request-ID": "a b <script>"})
+    assert given.status_code == 202 and given.headers["x-request-id"] == "am-42"
+    assert hostile.status_code == 404
+    made = hostile.headers["x-request-id"]
+    assert len(made) == 32 and made != "a b <script>"
+    access = {line["correlation_id"]: line for line in logs if line["event"] == "http_request"}
+    assert set(access) == {"am-42", made}
+    assert access["am-42"]["route"] == "/api/v1/alertmanager" and access["am-42"]["status"] == 202
+    assert access[made]["route"] == "/api/v1/runs/{run_id}" and access[made]["status"] == 404
+    assert access[made]["bytes"] > 0 and access[made]["method"] == "GET"
+    assert access[made]["duration_ms"] >= 0
+    assert "ingest-secret" not in repr(logs) and "alertname" not in repr(access)
+    received = next(line for line in logs if line["event"] == "alerts_received")
+    assert received["correlation_id"] == "am-42"
+
+
+def test_readyz_names_what_is_down(
+    settings: Settings, publisher: RecordingPublisher, redis_server: EmbeddedRedis
+) -> None:
+    """Ready only with Redis, the ledger and a fresh worker heartbeat; otherwise 503 with each
+    check's state, latency and error."""
+    live = settings.model_copy(update={"redis_url": redis_server.url, "heartbeat_key": "test:readyz:workers"})
+    with make_client(live, publisher) as c:
+        answer = c.get("/readyz")
+        assert answer.status_code == 503
+        checks = answer.json()["checks"]
+        assert checks["redis"]["ok"] and checks["ledger"]["ok"] and not checks["workers"]["ok"]
+        assert "no worker heartbeat" in checks["workers"]["error"]
+        Heartbeat(live, "w1@host").beat(redis.Redis.from_url(redis_server.url))
+        ready = c.get("/readyz").json()
+        assert ready["status"] == "ready" and list(ready["checks"]["workers"]["workers"]) == ["w1@host"]
+        assert all("latency_ms" in check for check in ready["checks"].values())
+        Heartbeat(live, "w1@host").stop()  # a clean shutdown takes the worker out at once
+        assert c.get("/readyz").status_code == 503
+    dead = live.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with make_client(dead, publisher) as c:
+        answer = c.get("/readyz")
+        assert answer.status_code == 503
+        assert answer.json()["checks"]["redis"] == {
+            "ok": False,
+            "error": "ConnectionError",
+            "latency_ms": answer.json()["checks"]["redis"]["latency_ms"],
+        }
+        assert answer.json()["checks"]["ledger"]["ok"]

@@ -172,6 +172,8 @@ class ClaimedRun:
     repeat: int
     # The alert event that caused the run (status, labels, annotations, times, fingerprint).
     event: Row[Any] | None
+    # The context of the span that made the run: its attempts' parent (workers.tracing).
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass
@@ -297,6 +299,7 @@ def claim_run(
             if run.event_id
             else None
         ),
+        trace_context=run.trace_context,
     )
     return claim
 

@@ -89,6 +89,8 @@ class AlertEvent(Base):
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
     # Why handling failed (the last error) or was given up.
     error: Mapped[str | None] = mapped_column(Text)
+    # The webhook's trace context and correlation id (workers.tracing): its spans' parent.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
 
 
 class Run(Base):
@@ -141,6 +143,8 @@ class Run(Base):
     verify_at: Mapped[datetime | None]
     verdict: Mapped[str | None] = mapped_column(String(16))
     repeat: Mapped[int] = mapped_column(Integer, default=0)
+    # The context of the span that made the run (workers.tracing): its attempts' parent.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # When run_remediation was last published, and how often since the last claim: a run that

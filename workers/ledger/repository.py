@@ -57,6 +57,8 @@ class Notification:
     alerts: Sequence[Alert]
     receiver: str
     group_key: str
+    # The webhook's trace context and correlation id (workers.tracing), kept on its events.
+    trace_context: dict[str, str] | None = None
 
 
 def record_events(
@@ -96,6 +98,7 @@ def record_notifications(
                     "received_at": now,
                     "enqueued_at": now if published else None,
                     "publishes": 1 if published else 0,
+                    "trace_context": notification.trace_context or None,
                 },
             )
     # One statement for any number of rows (executemany): compiled once and cached, where a
@@ -189,14 +192,15 @@ def _unpublished_since(published_at: Any, since: datetime) -> Any:
 
 def events_to_enqueue(
     session: Session, *, received_before: datetime, now: datetime, redeliver_after_s: float, limit: int
-) -> list[str]:
-    """Events not handled: never published, or published but not handled within the bound.
+) -> dict[str, dict[str, str] | None]:
+    """Events not handled: never published, or published but not handled within the bound
+    (id: trace context, oldest first).
 
     A ``handle_alert`` that raised was acked all the same, and a Redis restarted without AOF
     loses what it held: whatever is not handled is found here, whatever happened to the message.
     """
     statement = (
-        select(AlertEvent.id, AlertEvent.enqueued_at, AlertEvent.publishes)
+        select(AlertEvent.id, AlertEvent.enqueued_at, AlertEvent.publishes, AlertEvent.trace_context)
         .where(
             AlertEvent.handled_at.is_(None),
             AlertEvent.received_at < received_before,
@@ -205,11 +209,11 @@ def events_to_enqueue(
         .order_by(AlertEvent.received_at)
         .limit(limit)
     )
-    return [
-        event_id
-        for event_id, published, publishes in session.execute(statement)
+    return {
+        event_id: trace_context
+        for event_id, published, publishes, trace_context in session.execute(statement)
         if redelivery_due(published, publishes, now=now, after_s=redeliver_after_s)
-    ]
+    }
 
 
 @dataclass(frozen=True)
@@ -501,6 +505,7 @@ class DueRun:
     guard_key: str | None
     event_id: str | None
     resolved: bool
+    trace_context: dict[str, str] | None = None
 
 
 def due_waiting_runs(session: Session, *, now: datetime, limit: int) -> list[DueRun]:
@@ -517,6 +522,7 @@ def due_waiting_runs(session: Session, *, now: datetime, limit: int) -> list[Due
     rows = session.connection().execute(
         select(RUNS.c.id, RUNS.c.dedupe_key, RUNS.c.rule, RUNS.c.mode, RUNS.c.trigger, RUNS.c.timeout_s)
         .add_columns(RUNS.c.destructive, RUNS.c.guard_key, RUNS.c.event_id, resolved.label("resolved"))
+        .add_columns(RUNS.c.trace_context)
         .where(RUNS.c.status == RunStatus.WAITING.value, RUNS.c.not_before <= now)
         .order_by(RUNS.c.not_before)
         .limit(limit)
@@ -533,6 +539,7 @@ def due_waiting_runs(session: Session, *, now: datetime, limit: int) -> list[Due
             r.guard_key,
             r.event_id,
             bool(r.resolved),
+            r.trace_context,
         )
         for r in rows
     ]

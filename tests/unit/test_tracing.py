@@ -1,0 +1,107 @@
+"""Trace context kept in the ledger: events and runs carry it, spans take their parent from it."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.helpers import RecordingPublisher, alert_payload, compat_config
+from tests.stack import TargetServer
+from workers import runner, tracing
+from workers.alerts import WebhookPayload
+from workers.config import parse_config
+from workers.ledger import repository
+from workers.ledger.db import transaction
+from workers.ledger.models import Run
+from workers.planner import handle_events
+from workers.settings import Settings
+
+
+@pytest.fixture
+def target() -> Iterator[TargetServer]:
+    server = TargetServer()
+    yield server
+    server.close()
+
+
+def test_request_ids_and_carriers_are_checked() -> None:
+    """A hostile X-Request-ID is refused; a stored carrier yields its trace id and only the
+    headers it should."""
+    assert tracing.request_id("abc-123.x") == "abc-123.x"
+    assert tracing.request_id("a b") is None
+    assert tracing.request_id("x" * 129) is None
+    assert tracing.request_id("\r\nSet-Cookie: a") is None
+    trace_id = secrets.token_hex(16)
+    carrier = {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01", "x_request_id": "r1", "evil": "1"}
+    assert tracing.trace_id(carrier) == trace_id
+    assert tracing.trace_id({"traceparent": "garbage"}) is None
+    assert set(tracing.headers(carrier)) == {"traceparent", "x_request_id"}
+
+
+def test_a_span_from_the_ledger_links_the_delivery_of_another_trace(spans: InMemorySpanExporter) -> None:
+    """Started from a stored carrier while a span of another trace is current (a reconciler's
+    delivery), the span is a child of the stored context and links the current span."""
+    stored_trace, stored_parent = secrets.token_hex(16), secrets.token_hex(8)
+    carrier = {"traceparent": f"00-{stored_trace}-{stored_parent}-01"}
+    with tracing.tracer.start_as_current_span("delivery") as delivery:
+        span = tracing.start_span("plan_alert", carrier, fingerprint="f1", ignored=None)
+        span.end()
+    (done,) = [s for s in spans.get_finished_spans() if s.name == "plan_alert"]
+    assert format(done.context.trace_id, "032x") == stored_trace
+    assert done.parent is not None and format(done.parent.span_id, "016x") == stored_parent
+    assert [link.context.span_id for link in done.links] == [delivery.get_span_context().span_id]
+    assert dict(done.attributes or {}) == {"fingerprint": "f1"}
+
+
+def test_runs_and_attempts_continue_the_webhooks_trace(
+    sqlite_url: str, spans: InMemorySpanExporter, target: TargetServer
+) -> None:
+    """An event recorded with its webhook's context: the planning span is its child, the run
+    keeps the planning span's context (and the correlation id), and the attempt is the run's
+    child, with what it did as attributes and the guard decision as an event."""
+    config = parse_config(compat_config(target.port))
+    payload = WebhookPayload.model_validate(alert_payload("ResponderProbe", instance="t1"))
+    webhook_trace = secrets.token_hex(16)
+    carrier = {"traceparent": f"00-{webhook_trace}-{secrets.token_hex(8)}-01", tracing.REQUEST_ID: "req-7"}
+    with transaction(sqlite_url) as session:
+        (recorded,) = repository.record_notifications(
+            session, [repository.Notification(payload.alerts, "r", "g", carrier)]
+        )
+    settings = Settings(database_url=sqlite_url)
+    (run_id,) = handle_events(
+        event_ids=[recorded[0].event_id],
+        settings=settings,
+        config=config,
+        publisher=RecordingPublisher(settings),
+    )
+    with transaction(sqlite_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None
+        stored = dict(run.trace_context or {})
+    assert tracing.trace_id(stored) == webhook_trace and stored[tracing.REQUEST_ID] == "req-7"
+    (plan,) = [s for s in spans.get_finished_spans() if s.name == "plan_alert"]
+    assert format(plan.context.trace_id, "032x") == webhook_trace
+    assert stored["traceparent"].split("-")[2] == format(plan.context.span_id, "016x")
+    decided = [dict(e.attributes or {}) for e in plan.events if e.name == "run_decided"]
+    assert decided == [
+        {
+            "run.id": run_id,
+            "rule": "probe-http",
+            "remediation": "http_request",
+            "status": "queued",
+            "reason": "",
+        }
+    ]
+
+    execution = runner.execute(run_id=run_id, task_id="t", settings=settings, config=config)
+    assert execution.outcome == "succeeded"
+    (attempt,) = [s for s in spans.get_finished_spans() if s.name == "attempt"]
+    assert attempt.parent is not None and attempt.parent.span_id == plan.context.span_id
+    attributes = dict(attempt.attributes or {})
+    assert attributes["run.id"] == run_id and attributes["outcome"] == "succeeded"
+    assert attributes["attempt"] == 1 and attributes["remediation"] == "http_request"
+    assert trace.get_current_span() is trace.INVALID_SPAN
