@@ -30,6 +30,7 @@ import yaml
 
 from workers.dev import EmbeddedRedis, free_port
 from workers.ledger.migrate import upgrade
+from workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,6 +210,9 @@ def memory_mib(pid: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
+HEARTBEAT_KEY: str = Settings.model_fields["heartbeat_key"].default
+
+
 class Bench(contextlib.ExitStack):
     """A scratch directory and every process started for one measurement, stopped on exit.
 
@@ -349,12 +353,16 @@ class Bench(contextlib.ExitStack):
             [sys.executable, "-m", "workers.cli", "worker", "--concurrency", str(WORKER_PROCESSES)],
             env,
         )
+        # Its heartbeat (workers.heartbeat), written once it is ready: with the log level above
+        # INFO, Celery's "ready." line is not logged.
+        beats = redis.Redis.from_url(env["RESPONDER_REDIS_URL"])
         wait_for(
-            lambda: proc.poll() is not None or "ready." in self.log(name),
+            lambda: proc.poll() is not None or beats.zcard(HEARTBEAT_KEY) > 0,
             timeout=60,
             what="the worker",
             interval=0.05,
         )
+        beats.close()
         if proc.poll() is not None:
             raise SystemExit(f"bench: the worker exited:\n{self.log(name)[-3000:]}")
         return proc

@@ -14,7 +14,7 @@ import argparse
 import json
 import time
 
-from bench import intake, ledger, storm, worker
+from bench import intake, ledger, storm, telemetry, worker
 from bench.harness import RESULTS, Report
 
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
             ledger.main(["--runs", "1", "--attempts", "20"]),
             worker.main(["--runs", "1", "--rates", "20", "--seconds", "1", "--drain", "40"]),
             storm.main(["--runs", "1", "--alerts", "100"]),
+            telemetry.main(["--runs", "1", "--seconds", "1", "--connections", "4", "--drain", "40"]),
         ]
     else:
         reports = [
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> list[Report]:
             ledger.main(["--runs", "3", "--attempts", "1000"]),
             worker.main(["--runs", "3", "--seconds", "8", "--drain", "10000" if args.full else "2000"]),
             storm.main(["--runs", "3" if args.full else "1", "--alerts", "10000"]),
+            telemetry.main(["--runs", "3", "--seconds", "6", "--drain", "2000"]),
         ]
     print(f"\n== targets ({time.monotonic() - started:.0f} s) ==")
     for report in reports:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import httpx
+
 from bench import intake, worker
 from bench.harness import Bench, Report
 
@@ -42,8 +44,13 @@ def main(argv: list[str] | None = None) -> Report:
                     Bench.telemetry = env
                     intake.measure_receiver(report, args, run + tag, "sqlite", duplicates=False, tag=tag)
                     worker.drain(report, args.drain, run + tag, "sqlite", tag=tag)
+            exported = httpx.get(sink + "/count", timeout=5).json()
         finally:
             Bench.telemetry = {}
+    if not exported["requests"]:
+        raise SystemExit("bench: telemetry on exported no spans")
+    report.add("otlp_exports", exported["requests"], name="OTLP exports received (on)", unit="requests")
+    report.add("otlp_mib", exported["bytes"] / 2**20, name="OTLP data received (on)", unit="MiB")
     for name, key in (("intake", "sqlite_rps"), ("drain", "drain")):
         ratio = report.median("on_" + key) / report.median("off_" + key)
         report.add(f"{name}_ratio", ratio, name=f"{name}: telemetry on / off", unit="x")

@@ -26,7 +26,8 @@ class RequestContext:
     """Takes the caller's ``X-Request-ID`` (if sane) or makes one, binds it to the request's
     log lines and trace carrier (``tracing.CORRELATION_ID``), returns it in the response, and
     logs one ``http_request`` line: method, route template, status, duration, response bytes
-    (never a body, a query string or a header)."""
+    (never a body, a query string or a header), and the fields the route put in
+    ``request.state.log_fields``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -63,6 +64,8 @@ class RequestContext:
                         status=answer["status"],
                         duration_ms=round((time.perf_counter() - started) * 1000, 2),
                         bytes=answer["bytes"],
+                        # What the route added (the webhook: alerts accepted and duplicate).
+                        **(scope.get("state") or {}).get("log_fields", {}),
                     )
         finally:
             tracing.CORRELATION_ID.reset(token)

@@ -34,7 +34,7 @@ def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((ROOT / "bench" / "results" / "suite.json").read_text())
-    assert set(results) == {"intake", "ledger", "worker", "storm"}
+    assert set(results) == {"intake", "ledger", "worker", "storm", "telemetry"}
     intake = results["intake"]["figures"]
     for key in ("floor_rps", "sqlite_rps", "sqlite_dup_rps", "postgresql_rps", "postgresql_dup_rps"):
         assert intake[key]["median"] > 0, key
@@ -46,4 +46,8 @@ def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     storm = results["storm"]["figures"]
     assert storm["lost"]["median"] == storm["server_errors"]["median"] == storm["duplicated"]["median"] == 0
     assert results["storm"]["notes"] == ["every run: 0 lost, 0 5xx, one succeeded run and one call per alert"]
+    telemetry = results["telemetry"]["figures"]
+    for key in ("off_sqlite_rps", "on_sqlite_rps", "off_drain", "on_drain", "intake_ratio", "drain_ratio"):
+        assert telemetry[key]["median"] > 0, key
+    assert telemetry["otlp_exports"]["median"] > 0  # "on" really exported spans
     assert "== targets" in done.stdout and ("met" in done.stdout)

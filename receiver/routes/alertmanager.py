@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from receiver.deps import ingest_intake
@@ -79,28 +80,30 @@ async def receive_alertmanager(request: Request) -> Response:
             received=len(payload.alerts),
             receiver=payload.receiver,
         )
-    with tracing.tracer.start_as_current_span(
-        "record_alerts", attributes={"alerts": len(payload.alerts)}
-    ) as span:
-        recorded = await intake.accept(payload, trace_context=tracing.current_carrier())
-        for r in recorded:
-            span.add_event(
-                "alert_recorded",
-                {
-                    "fingerprint": r.alert.fingerprint,
-                    "status": r.alert.status,
-                    "result": "accepted" if r.accepted else "duplicate",
-                    "event_id": r.event_id,
-                },
-            )
+    # The request's server span is the alerts' parent: its context is kept on each event.
+    recorded = await intake.accept(payload, trace_context=tracing.current_carrier())
+    span = trace.get_current_span()
+    for r in recorded:
+        span.add_event(
+            "alert_recorded",
+            {
+                "fingerprint": r.alert.fingerprint,
+                "status": r.alert.status,
+                "result": "accepted" if r.accepted else "duplicate",
+                "event_id": r.event_id,
+            },
+        )
     accepted = sum(1 for r in recorded if r.accepted)
     if accepted:
         telemetry.ALERTS_RECEIVED.labels(result="accepted").inc(accepted)
     if len(recorded) > accepted:
         telemetry.ALERTS_RECEIVED.labels(result="duplicate").inc(len(recorded) - accepted)
-    log.info(
-        "alerts_received", accepted=accepted, duplicate=len(recorded) - accepted, receiver=payload.receiver
-    )
+    # On the request's access line (receiver.middleware), not a line of its own.
+    request.state.log_fields = {
+        "accepted": accepted,
+        "duplicate": len(recorded) - accepted,
+        "receiver": payload.receiver,
+    }
     answer = IngestResponse(
         alerts=[
             AlertResult(
