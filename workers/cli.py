@@ -31,7 +31,7 @@ def _logging(role: str) -> None:
     telemetry.configure_logging(
         fmt=settings.log_format, level=settings.log_level, service=f"responder-{role}"
     )
-    configure(lock_timeout_s=settings.db_lock_timeout_s)
+    configure(lock_timeout_s=settings.db_lock_timeout_s, slow_statement_s=settings.slow_statement_ms / 1000)
 
 
 def _load(path: Path) -> ResponderConfig:

@@ -262,6 +262,17 @@ def execute(
                 run, config, settings, claim.attempt_id, claim.number, lease.cancelled
             )
         span.set_attribute("outcome", execution.outcome)
+        if execution.outcome in ("succeeded", "failed"):
+            # The run's one summary line: a run read in one grep.
+            log.info(
+                "run_finished",
+                outcome=execution.outcome,
+                attempts=claim.number,
+                duration_ms=round((utcnow() - run.created_at).total_seconds() * 1000, 1)
+                if run.created_at
+                else None,
+                error=execution.error,
+            )
         if execution.error:
             span.set_status(trace.StatusCode.ERROR, execution.error[:200])
         if held and guards is not None:

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     # Statements wait this long for a lock (SQLite busy timeout, PostgreSQL lock_timeout);
     # a task that times out retries with backoff.
     db_lock_timeout_s: float = Field(default=30.0, gt=0)
+    # Ledger statements slower than this are logged (slow_statement, with the duration).
+    slow_statement_ms: float = Field(default=500.0, gt=0)
     # Ledger errors inside a task (lock timeout, connection lost): retries before the task
     # gives up and leaves the row to the reconciler.
     ledger_retries: int = Field(default=8, ge=0)

@@ -77,7 +77,8 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | 
     """
     if service:
         _service["name"] = service
-    stream = sys.stderr
+    # stdout, as services log (twelve-factor); structlog and the handler flush every line.
+    stream = sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     numeric_level = logging.getLevelName(level.upper())
     shared: list[Any] = [
@@ -91,7 +92,7 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | 
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     # Tracebacks as data, without frame locals: a local can hold a token or a rendered secret.
     tracebacks = structlog.processors.ExceptionRenderer(

@@ -62,7 +62,7 @@ def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.Captur
         logging.getLogger().handlers.clear()
     import json
 
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     first, stdlib, cleared = lines
     assert first["event"] == "remediation_succeeded" and first["run_id"] == "r1" and first["rule"] == "probe"
     assert first["token"] == "[REDACTED]" and first["params"] == {"password": "[REDACTED]"}

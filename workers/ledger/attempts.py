@@ -174,6 +174,7 @@ class ClaimedRun:
     event: Row[Any] | None
     # The context of the span that made the run: its attempts' parent (workers.tracing).
     trace_context: dict[str, str] | None = None
+    created_at: datetime | None = None
 
 
 @dataclass
@@ -300,6 +301,7 @@ def claim_run(
             else None
         ),
         trace_context=run.trace_context,
+        created_at=run.created_at,
     )
     return claim
 

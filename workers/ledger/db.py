@@ -24,13 +24,18 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+from workers import telemetry
 from workers.ledger.models import utcnow
+
+_log = telemetry.get_logger(__name__)
 
 PG_CONNECT_TIMEOUT_S = 5
 PG_TCP_USER_TIMEOUT_MS = 10_000
 # How long a statement waits for a lock before failing (SQLite's busy timeout, PostgreSQL's
 # lock_timeout): a task then retries with backoff instead of holding a worker slot forever.
 _lock_timeout_s = 30.0
+# Statements slower than this are logged (their SQL, never their parameters).
+_slow_statement_s = 0.5
 
 _engines: dict[tuple[int, str], Engine] = {}
 _sessionmakers: dict[tuple[int, str], sessionmaker[Session]] = {}
@@ -45,10 +50,42 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def configure(*, lock_timeout_s: float) -> None:
-    """Set the lock timeout of engines made from now on (each process, from its settings)."""
-    global _lock_timeout_s  # one value per process, read when engines are made
+def configure(*, lock_timeout_s: float, slow_statement_s: float | None = None) -> None:
+    """Set the lock timeout of engines made from now on, and the slow-statement threshold
+    (each process, from its settings)."""
+    global _lock_timeout_s, _slow_statement_s  # one value per process, read when engines are made
     _lock_timeout_s = lock_timeout_s
+    if slow_statement_s is not None:
+        _slow_statement_s = slow_statement_s
+
+
+def _log_slow_statements(engine: Engine) -> Engine:
+    """Log every statement on ``engine`` that takes ``_slow_statement_s`` or longer: its
+    duration (a lock wait included), its SQL's start (parameters are never logged: they hold
+    alert data and rendered params) and its rows."""
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _started(
+        conn: Any, _cursor: Any, _statement: str, _parameters: Any, _context: Any, _many: bool
+    ) -> None:
+        conn.info.setdefault("responder_started", []).append(time.perf_counter())
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _finished(
+        conn: Any, cursor: Any, statement: str, _parameters: Any, _context: Any, many: bool
+    ) -> None:
+        started = conn.info["responder_started"].pop()
+        elapsed = time.perf_counter() - started
+        if elapsed >= _slow_statement_s:
+            _log.warning(
+                "slow_statement",
+                duration_ms=round(elapsed * 1000, 1),
+                statement=" ".join(statement.split())[:200],
+                executemany=many,
+                rows=cursor.rowcount,
+            )
+
+    return engine
 
 
 def _sqlite_engine(url: str) -> Engine:
@@ -70,6 +107,12 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
+    @event.listens_for(engine, "handle_error")
+    def _failed(context: Any) -> None:
+        started = context.connection.info.get("responder_started") if context.connection else None
+        if started:
+            started.pop()
+
     return engine
 
 
@@ -77,21 +120,23 @@ def make_engine(url: str) -> Engine:
     """A new engine for ``url``, configured for this ledger's needs."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        return _sqlite_engine(url)
-    return create_engine(
-        url,
-        pool_pre_ping=True,
-        connect_args={
-            "connect_timeout": PG_CONNECT_TIMEOUT_S,
-            "options": f"-c lock_timeout={int(_lock_timeout_s * 1000)}",
-            # A partition leaves sockets waiting, not failing: give up on unacknowledged data
-            # and probe idle connections, so a cut-off process errors out and reconnects.
-            "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS,
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 3,
-            "keepalives_count": 3,
-        },
+        return _log_slow_statements(_sqlite_engine(url))
+    return _log_slow_statements(
+        create_engine(
+            url,
+            pool_pre_ping=True,
+            connect_args={
+                "connect_timeout": PG_CONNECT_TIMEOUT_S,
+                "options": f"-c lock_timeout={int(_lock_timeout_s * 1000)}",
+                # A partition leaves sockets waiting, not failing: give up on unacknowledged data
+                # and probe idle connections, so a cut-off process errors out and reconnects.
+                "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 3,
+                "keepalives_count": 3,
+            },
+        )
     )
 
 

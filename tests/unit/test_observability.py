@@ -1,4 +1,5 @@
-"""Trace context kept in the ledger: events and runs carry it, spans take their parent from it."""
+"""Observability in one process: trace context kept in the ledger, spans parented from it, a run's
+summary line, slow statements."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
+import structlog
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -14,7 +17,7 @@ from tests.stack import TargetServer
 from workers import runner, tracing
 from workers.alerts import WebhookPayload
 from workers.config import parse_config
-from workers.ledger import repository
+from workers.ledger import db, repository
 from workers.ledger.db import transaction
 from workers.ledger.models import Run
 from workers.planner import handle_events
@@ -105,3 +108,51 @@ def test_runs_and_attempts_continue_the_webhooks_trace(
     assert attributes["run.id"] == run_id and attributes["outcome"] == "succeeded"
     assert attributes["attempt"] == 1 and attributes["remediation"] == "http_request"
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+def test_a_run_ends_with_one_summary_line(sqlite_url: str, target: TargetServer) -> None:
+    """A run that fails once and then succeeds has one run_finished line, after its second
+    attempt: outcome, attempts, duration."""
+    config = parse_config(compat_config(target.port))
+    payload = WebhookPayload.model_validate(alert_payload("ResponderProbe", instance="s1"))
+    with transaction(sqlite_url) as session:
+        (recorded,) = repository.record_notifications(
+            session, [repository.Notification(payload.alerts, "r", "g")]
+        )
+    settings = Settings(database_url=sqlite_url, retry_backoff_s=0)
+    (run_id,) = handle_events(
+        event_ids=[recorded[0].event_id],
+        settings=settings,
+        config=config,
+        publisher=RecordingPublisher(settings),
+    )
+    target.status = 503
+    with structlog.testing.capture_logs() as logs:
+        first = runner.execute(run_id=run_id, task_id="t1", settings=settings, config=config)
+        target.status = 200
+        second = runner.execute(run_id=run_id, task_id="t2", settings=settings, config=config)
+    assert (first.outcome, second.outcome) == ("retry", "succeeded")
+    (summary,) = [line for line in logs if line["event"] == "run_finished"]
+    assert summary["outcome"] == "succeeded" and summary["attempts"] == 2 and summary["error"] is None
+    assert summary["duration_ms"] > 0
+
+
+def test_slow_statements_are_logged_without_their_parameters(sqlite_url: str) -> None:
+    """A statement over the threshold is one slow_statement line with its duration and SQL;
+    the bound values are not in it."""
+    db.configure(lock_timeout_s=2, slow_statement_s=0.05)
+    try:
+        engine = db.make_engine(sqlite_url)
+        engine.pool.connect().close()  # connect outside the measured statement
+        with structlog.testing.capture_logs() as logs, engine.connect() as connection:
+            connection.execute(sa.text("SELECT :secret"), {"secret": "canary-value"})
+            connection.exec_driver_sql(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000000) "
+                "SELECT count(*) FROM n"
+            )
+        engine.dispose()
+    finally:
+        db.configure(lock_timeout_s=30, slow_statement_s=0.5)
+    (slow,) = [line for line in logs if line["event"] == "slow_statement"]
+    assert slow["statement"].startswith("WITH RECURSIVE n(i)") and slow["duration_ms"] >= 50
+    assert "canary-value" not in repr(logs)
