@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from workers import telemetry
+from workers import metrics, telemetry
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
 from workers.ledger.db import connect, is_transient_ledger_error, transaction
@@ -129,7 +129,7 @@ class Intake:
             try:
                 await asyncio.wait_for(asyncio.shield(pending.published), self.settings.publish_budget_s)
             except TimeoutError:
-                telemetry.PUBLISH_FAILURES.labels(task="handle_alert").inc()
+                metrics.PUBLISH_FAILURES.labels(task="handle_alert").inc()
                 log.warning(
                     "publish_budget_exceeded",
                     budget_s=self.settings.publish_budget_s,

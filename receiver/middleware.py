@@ -1,4 +1,5 @@
-"""Every request: a correlation id (``X-Request-ID``) and one access log line.
+"""Every request: a correlation id (``X-Request-ID``), one access log line, and its metrics
+(``responder_http_requests_total``, ``responder_http_request_duration_seconds``).
 
 A pure ASGI middleware, not Starlette's ``BaseHTTPMiddleware``, which runs the endpoint in a
 task of its own (a context copy) and costs a webhook several times as much.
@@ -13,11 +14,13 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from workers import telemetry, tracing
+from workers import metrics, telemetry, tracing
 
 log = telemetry.get_logger("receiver.access")
 
 HEADER = b"x-request-id"
+# Methods counted by name; any other (a client's invention) is "other": labels stay bounded.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Requests whose access line would only be noise at info (scrapes and probes): logged at debug.
 QUIET = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -57,12 +60,16 @@ class RequestContext:
                 finally:
                     route = scope.get("route")
                     path = getattr(route, "path", None) or "unmatched"
+                    elapsed = time.perf_counter() - started
+                    method = scope["method"] if scope["method"] in METHODS else "other"
+                    metrics.HTTP_REQUESTS.labels(method, path, str(answer["status"])).inc()
+                    metrics.HTTP_DURATION.labels(method, path).observe(elapsed)
                     (log.debug if path in QUIET else log.info)(
                         "http_request",
                         method=scope["method"],
                         route=path,
                         status=answer["status"],
-                        duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                        duration_ms=round(elapsed * 1000, 2),
                         bytes=answer["bytes"],
                         # What the route added (the webhook: alerts accepted and duplicate).
                         **(scope.get("state") or {}).get("log_fields", {}),

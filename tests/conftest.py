@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,20 @@ def ledger_url(request: pytest.FixtureRequest) -> str:
     fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
     url: str = request.getfixturevalue(fixture)
     return url
+
+
+def promtool_path() -> str | None:
+    """Prometheus's promtool: on PATH or where ``.ci/ensure-tools`` puts it."""
+    beside = Path(sys.executable).parent / "promtool"
+    return str(beside) if beside.exists() else shutil.which("promtool")
+
+
+@pytest.fixture
+def promtool() -> str:
+    found = promtool_path()
+    require(found is not None, "promtool")
+    assert found is not None
+    return found
 
 
 def _redis_binary_available() -> bool:

@@ -243,9 +243,10 @@ class Stack:
         concurrency: int = 1,
         env: dict[str, str] | None = None,
         prefix: list[str] | None = None,
+        options: tuple[str, ...] = (),
     ) -> subprocess.Popen[bytes]:
         before = self.log(name).count(" ready.")
-        args = ["worker", "--concurrency", str(concurrency), "--without-mingle", "--without-gossip"]
+        args = ["worker", "--concurrency", str(concurrency), *options, "--without-mingle", "--without-gossip"]
         if queues:
             args += ["--queues", queues]
         proc = self.start(name, *args, env=env, prefix=prefix)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from workers import telemetry, tracing
+from workers import metrics, tracing
 from workers.guardstate import ESCALATIONS, GuardState, Slot, Verdict, from_ledger
 from workers.ledger import repository
 from workers.ledger.models import utcnow
@@ -253,7 +253,7 @@ def admit(
     admissions: list[Admission] = []
     for i, (request, row, (status, reason)) in enumerate(zip(requests, rows, decisions, strict=True)):
         if row["id"] in inserted:
-            telemetry.count_decision(status, reason)
+            metrics.count_decision(status, reason)
             admissions.append(
                 Admission(
                     row["id"], status, reason, True, request.timeout_s, verdicts.get(i), row["trace_context"]

@@ -99,10 +99,26 @@ def _queues(_ctx: click.Context, _param: click.Parameter, value: str) -> list[st
     help="Comma-separated queues to consume: a dedicated worker per queue keeps slow "
     "remediations from delaying the planning of new alerts.",
 )
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve Prometheus metrics of the worker and all its processes on this port (/metrics).",
+)
+@click.option("--metrics-host", default="0.0.0.0", show_default=True)  # noqa: S104 - a server's default
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(concurrency: int | None, queues: list[str], celery_args: tuple[str, ...]) -> None:
+def worker(
+    concurrency: int | None,
+    queues: list[str],
+    metrics_port: int | None,
+    metrics_host: str,
+    celery_args: tuple[str, ...],
+) -> None:
     """Run a Celery worker on the alerts, remediations and maintenance queues (or some of them)."""
+    if metrics_port is not None:
+        _multiprocess_metrics()  # before anything that counts is imported
     from remediations import ResponderError
+    from workers import metrics
     from workers.runner import check_delivery_settings
 
     settings = get_settings()
@@ -116,7 +132,30 @@ def worker(concurrency: int | None, queues: list[str], celery_args: tuple[str, .
     argv = ["worker", "-Q", ",".join(queues), "--loglevel", settings.log_level, "-n", f"{name}@%h"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
+    if metrics_port is not None:
+        metrics.serve(metrics_host, metrics_port)
+        telemetry.get_logger(__name__).info("metrics_serving", host=metrics_host, port=metrics_port)
     _worker_app().worker_main([*argv, *celery_args])
+
+
+def _multiprocess_metrics() -> None:
+    """Give this worker and its pool processes one multiprocess metrics directory: the one in
+    ``PROMETHEUS_MULTIPROC_DIR`` (emptied), or a fresh one removed at exit."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="responder-metrics-"))
+    if not given:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    if "workers.metrics" in sys.modules:  # pragma: no cover - a programming error, not a user's
+        raise RuntimeError("workers.metrics was imported before its multiprocess directory was set")
+    for leftover in path.glob("*.db"):
+        leftover.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 @main.command()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from workers import telemetry, verification
+from workers import metrics, telemetry, verification
 from workers.admission import Mode, Trigger, decide, slot_of, take_slots, unguarded_policy
 from workers.config import ResponderConfig
 from workers.guardstate import GuardState
@@ -108,7 +108,7 @@ def release_due(
                 )
                 refused += moved
             if moved:
-                telemetry.count_decision(status.value, reason)
+                metrics.count_decision(status.value, reason)
                 log.info(
                     "waiting_run_decided", run_id=run.id, rule=run.rule, status=status.value, reason=reason
                 )

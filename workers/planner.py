@@ -22,7 +22,7 @@ from sqlalchemy import Row
 from sqlalchemy.orm import Session
 
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
-from workers import telemetry, tracing
+from workers import metrics, telemetry, tracing
 from workers.admission import Mode, RunRequest, Trigger, admit, decide
 from workers.alerts import Alert
 from workers.config import ResponderConfig, Rule
@@ -304,6 +304,7 @@ def handle_events(
             log.error("event_given_up", event_id=event_id, deliveries=starts)
         events = repository.events_by_ids(session, todo)
         session.expunge_all()
+    metrics.GIVEN_UP.labels(kind="events").inc(len(given_up))
     failed: dict[str, Exception] = {}
     planned: list[_EventPlan] = []
     # One span per event, in the event's own trace (its webhook's), open until its runs are decided.
@@ -408,7 +409,7 @@ def _admit(
     if resolved:
         cancelled = repository.cancel_pending_episode_runs(session, resolved)
         for run_id in cancelled:
-            telemetry.count_decision("cancelled", "resolved")
+            metrics.count_decision("cancelled", "resolved")
             log.info("run_cancelled", run_id=run_id, reason="resolved")
     requests = [(one, plan) for one in planned for plan in one.plans]
     admissions = admit(

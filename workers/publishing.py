@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
-from workers import telemetry, tracing
+from workers import metrics, telemetry, tracing
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, Run
@@ -126,7 +126,7 @@ def _publish(
         publisher.publish(messages)
         sent = True
     except PublishError as exc:
-        telemetry.PUBLISH_FAILURES.labels(task=task).inc()
+        metrics.PUBLISH_FAILURES.labels(task=task).inc()
         log.warning("publish_failed", task=task, error=str(exc), left_for_reconciler=len(ids))
         sent = False
     if sent != marked:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from workers import telemetry
+from workers import metrics, telemetry
 from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, transaction
 from workers.ledger.states import RunStatus
@@ -78,6 +78,9 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
     events = publish_events(list(event_ids), settings=settings, publisher=publisher, traces=traces)
     run_count = publish_runs(runs, settings=settings, publisher=publisher, traces=traces) if runs else 0
     result = Reconciled(events=events, runs=run_count, given_up=given_up)
+    metrics.REDELIVERIES.labels(kind="events").inc(events)
+    metrics.REDELIVERIES.labels(kind="runs").inc(run_count)
+    metrics.GIVEN_UP.labels(kind="runs").inc(given_up)
     if result.events or result.runs or result.given_up:
         log.info("reconciled", events=result.events, runs=result.runs, given_up=result.given_up)
     return result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from remediations import (
     get_remediation,
     registered,
 )
-from workers import leases, telemetry, tracing
+from workers import leases, metrics, telemetry, tracing
 from workers.breakers import Outcome as BreakerOutcome
 from workers.breakers import Transition, breaker_key
 from workers.config import ResponderConfig
@@ -228,7 +229,7 @@ def execute(
             held[0].key, token=run_id, outcome="neutral", threshold=1, cool_down_s=1, target=held[0].target
         )
     if claim.kind in ("paused", "disabled", "resolved", "breaker_open", "guard_state_unavailable", "locked"):
-        telemetry.count_decision("skipped", claim.kind)
+        metrics.count_decision("skipped", claim.kind)
     if claim.kind != "run" or run is None or claim.attempt_id is None:
         log.info("run_not_attempted", reason=claim.kind, abandoned=claim.abandoned)
         return Execution("failed" if claim.kind == "exhausted" else "skipped")
@@ -251,10 +252,11 @@ def execute(
             log.warning("attempts_abandoned", attempts=claim.abandoned)
         log.info("attempt_started", attempt=claim.number, probe=bool(held and held[0].probe))
         if held and held[0].transition == "half_opened":
-            telemetry.count_breaker_transition(run.remediation, "half_opened")
+            metrics.count_breaker_transition(run.remediation, "half_opened")
             span.add_event("breaker_half_opened", {"breaker": held[0].key, "probe": True})
             log.info("breaker_half_opened", breaker=held[0].key, probe=True)
             _breaker_moved(run, held[0].key, "half_open", settings, config, failures=None, error=None)
+        started = time.perf_counter()
         with leases.kept(
             url=settings.database_url, attempt_id=claim.attempt_id, lease_s=settings.lease_s
         ) as lease:
@@ -262,15 +264,20 @@ def execute(
                 run, config, settings, claim.attempt_id, claim.number, lease.cancelled
             )
         span.set_attribute("outcome", execution.outcome)
+        if execution.outcome in ("succeeded", "failed", "retry"):  # not one superseded meanwhile
+            metrics.ATTEMPTS.labels(run.remediation, execution.outcome).inc()
+            metrics.ATTEMPT_DURATION.labels(run.remediation).observe(time.perf_counter() - started)
         if execution.outcome in ("succeeded", "failed"):
+            run_s = (utcnow() - run.created_at).total_seconds() if run.created_at else None
+            metrics.RUNS.labels(run.rule or "", run.remediation, execution.outcome).inc()
+            if run_s is not None:
+                metrics.RUN_DURATION.labels(run.remediation).observe(run_s)
             # The run's one summary line: a run read in one grep.
             log.info(
                 "run_finished",
                 outcome=execution.outcome,
                 attempts=claim.number,
-                duration_ms=round((utcnow() - run.created_at).total_seconds() * 1000, 1)
-                if run.created_at
-                else None,
+                duration_ms=round(run_s * 1000, 1) if run_s is not None else None,
                 error=execution.error,
             )
         if execution.error:
@@ -321,7 +328,7 @@ def _count_on_breaker(
         guards=guards,
     )
     if recorded.transition:
-        telemetry.count_breaker_transition(run.remediation, recorded.transition)
+        metrics.count_breaker_transition(run.remediation, recorded.transition)
         trace.get_current_span().add_event(
             f"breaker_{recorded.transition}", {"breaker": held.key, "failures": recorded.failures}
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 import redis
@@ -10,7 +11,7 @@ from celery import Task, current_app, shared_task, signals
 from sqlalchemy.orm import configure_mappers
 
 from remediations import http
-from workers import dispatcher, planner, reconciler, runner, telemetry, tracing
+from workers import dispatcher, metrics, planner, reconciler, runner, telemetry, tracing
 from workers.config import ResponderConfig, cached_config
 from workers.guardstate import guard_state
 from workers.heartbeat import Heartbeat
@@ -126,8 +127,10 @@ def _trace_beat(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect(weak=False)
 def _flush_spans(**_: Any) -> None:
-    """A pool process exits without running ``atexit``: export its last spans first."""
+    """A pool process exits without running ``atexit``: export its last spans first, and drop
+    its live gauges from the worker's metrics."""
     tracing.shutdown()
+    metrics.process_exited(os.getpid())
 
 
 @signals.task_prerun.connect(weak=False)

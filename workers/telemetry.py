@@ -1,4 +1,4 @@
-"""Logging (structlog, JSON lines in services, console on a TTY), secret redaction, metrics.
+"""Logging (structlog, JSON lines in services, console on a TTY) and secret redaction.
 
 Every line carries ``service`` (the process's role), and inside a span its ``trace_id`` and
 ``span_id`` (``workers.tracing``); a request's or task's ``correlation_id`` is bound to it.
@@ -14,7 +14,6 @@ from typing import Any, TextIO
 
 import structlog
 import structlog.tracebacks
-from prometheus_client import Counter, Gauge
 
 from workers import tracing
 
@@ -134,48 +133,3 @@ def clear() -> None:
 def get_logger(name: str) -> Any:
     """A structlog logger; its lines carry ``logger``: ``name``."""
     return structlog.get_logger(name)
-
-
-# Metrics (prometheus-client). The receiver serves them at /metrics.
-ALERTS_RECEIVED = Counter(
-    "responder_alerts_received_total",
-    "Alerts received from Alertmanager, by result (accepted, duplicate).",
-    ["result"],
-)
-ALERTS_TRUNCATED = Counter(
-    "responder_alerts_truncated_total",
-    "Alerts Alertmanager left out of a notification (max_alerts, truncatedAlerts).",
-)
-PUBLISH_FAILURES = Counter(
-    "responder_publish_failures_total",
-    "Task messages the broker did not take; the reconciler sends them later.",
-    ["task"],
-)
-DECISIONS = Counter(
-    "responder_decisions_total",
-    "Guard decisions on runs, by decision: the guard that held (invalid, paused, disabled, "
-    "resolved, grace, dry_run) or queued when none did.",
-    ["decision"],
-)
-
-
-def count_decision(status: str, reason: str | None) -> None:
-    """Count one guard decision: its reason, or the status when no guard held (``queued``)."""
-    DECISIONS.labels(decision=reason or status).inc()
-
-
-BREAKER_STATE = Gauge(
-    "responder_breaker_state",
-    "Circuit breakers by remediation and state (closed, open, half_open), from the ledger at scrape time.",
-    ["remediation", "state"],
-)
-BREAKER_TRANSITIONS = Counter(
-    "responder_breaker_transitions_total",
-    "Circuit breaker transitions, by remediation and transition (opened, half_opened, reopened, closed).",
-    ["remediation", "transition"],
-)
-
-
-def count_breaker_transition(remediation: str, transition: str) -> None:
-    """Count one breaker transition (the target is left out: its values are unbounded)."""
-    BREAKER_TRANSITIONS.labels(remediation=remediation, transition=transition).inc()

@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Row, exists, or_, select, update
 from sqlalchemy.orm import Session
 
-from workers import telemetry
+from workers import metrics, telemetry
 from workers.admission import admit
 from workers.breakers import breaker_key
 from workers.config import ResponderConfig
@@ -166,8 +166,8 @@ def _ineffective(
                 error="ineffective: the alert kept firing after the remediation succeeded",
             )
             if recorded.transition:
-                telemetry.count_breaker_transition(run.remediation, recorded.transition)
-        telemetry.count_decision("succeeded", "ineffective")
+                metrics.count_breaker_transition(run.remediation, recorded.transition)
+        metrics.count_decision("succeeded", "ineffective")
         log.warning("run_ineffective", run_id=run.id, rule=run.rule, repeat=run.repeat)
         event = events.get(run.event_id or "")
         if event is not None and run.rule:

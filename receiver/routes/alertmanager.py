@@ -7,6 +7,7 @@ is down after that, the answer is still 202 and the reconciler publishes what is
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 from fastapi import APIRouter, Request, Response
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from receiver.deps import ingest_intake
 from receiver.errors import ApiError, field_errors
-from workers import telemetry, tracing
+from workers import metrics, telemetry, tracing
 from workers.alerts import WebhookPayload
 
 router = APIRouter(prefix="/api/v1", tags=["alertmanager"])
@@ -73,7 +74,7 @@ async def receive_alertmanager(request: Request) -> Response:
             detail=field_errors(exc.errors()),
         ) from exc
     if payload.truncated_alerts:
-        telemetry.ALERTS_TRUNCATED.inc(payload.truncated_alerts)
+        metrics.ALERTS_TRUNCATED.inc(payload.truncated_alerts)
         log.warning(
             "alerts_truncated",
             truncated_alerts=payload.truncated_alerts,
@@ -94,10 +95,10 @@ async def receive_alertmanager(request: Request) -> Response:
             },
         )
     accepted = sum(1 for r in recorded if r.accepted)
-    if accepted:
-        telemetry.ALERTS_RECEIVED.labels(result="accepted").inc(accepted)
-    if len(recorded) > accepted:
-        telemetry.ALERTS_RECEIVED.labels(result="duplicate").inc(len(recorded) - accepted)
+    for (status, result), count in Counter(
+        (r.alert.status, "accepted" if r.accepted else "duplicate") for r in recorded
+    ).items():
+        metrics.ALERTS_RECEIVED.labels(status=status, result=result).inc(count)
     # On the request's access line (receiver.middleware), not a line of its own.
     request.state.log_fields = {
         "accepted": accepted,

@@ -11,16 +11,16 @@ from typing import Any
 import redis
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from receiver.deps import SettingsDep
-from workers import telemetry
+from workers import metrics, telemetry
 from workers.heartbeat import fresh_workers
 from workers.ledger import repository
 from workers.ledger.db import connect, reading
 from workers.settings import Settings
+from workers.tasknames import ALL_QUEUES
 
 router = APIRouter(tags=["ops"])
 log = telemetry.get_logger(__name__)
@@ -98,17 +98,43 @@ async def readyz(settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(settings: SettingsDep) -> Response:
-    """Prometheus metrics of this receiver process, and the breakers' states from the ledger."""
+async def scrape(settings: SettingsDep) -> Response:
+    """Prometheus metrics of this receiver process (with ``PROMETHEUS_MULTIPROC_DIR``, of every
+    process writing there), and what is read at scrape time: the breakers' states and the
+    backlog from the ledger, the queues' depths from Redis. A source that does not answer
+    within its bound leaves its gauges as they were and is logged."""
+    await asyncio.gather(
+        run_in_threadpool(_scrape_ledger, settings), run_in_threadpool(_scrape_queues, settings)
+    )
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
+
+
+def _scrape_ledger(settings: Settings) -> None:
     try:
         with reading(settings.database_url) as session:
             counts = repository.breaker_counts(session)
+            backlog = repository.backlog_counts(session)
     except SQLAlchemyError as exc:
         log.warning("metrics_ledger_unavailable", error_type=type(exc).__name__)
-    else:
-        for remediation in {remediation for remediation, _ in counts}:
-            for state in ("closed", "open", "half_open"):
-                telemetry.BREAKER_STATE.labels(remediation=remediation, state=state).set(
-                    counts.get((remediation, state), 0)
-                )
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return
+    for remediation in {remediation for remediation, _ in counts}:
+        for state in ("closed", "open", "half_open"):
+            metrics.BREAKER_STATE.labels(remediation=remediation, state=state).set(
+                counts.get((remediation, state), 0)
+            )
+    for kind, count in backlog.items():
+        metrics.BACKLOG.labels(kind=kind).set(count)
+
+
+def _scrape_queues(settings: Settings) -> None:
+    try:
+        pipe = _redis(settings.redis_url).pipeline(transaction=False)
+        for queue in ALL_QUEUES:
+            pipe.llen(queue)
+        depths = pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("metrics_redis_unavailable", error_type=type(exc).__name__)
+        return
+    for queue, depth in zip(ALL_QUEUES, depths, strict=True):
+        metrics.QUEUE_DEPTH.labels(queue=queue).set(depth)

@@ -491,6 +491,25 @@ def breaker_counts(session: Session) -> dict[tuple[str, str], int]:
     return {(remediation, state): count for remediation, state, count in rows}
 
 
+def backlog_counts(session: Session) -> dict[str, int]:
+    """What is not done yet (each by an index): events not handled, runs queued, runs waiting."""
+    events = session.scalar(
+        select(func.count()).select_from(AlertEvent).where(AlertEvent.handled_at.is_(None))
+    )
+    runs = dict(
+        session.execute(
+            select(Run.status, func.count())
+            .where(Run.status.in_([RunStatus.QUEUED.value, RunStatus.WAITING.value]))
+            .group_by(Run.status)
+        ).all()
+    )
+    return {
+        "events_unhandled": int(events or 0),
+        "runs_queued": int(runs.get(RunStatus.QUEUED.value, 0)),
+        "runs_waiting": int(runs.get(RunStatus.WAITING.value, 0)),
+    }
+
+
 @dataclass(frozen=True)
 class DueRun:
     """A waiting run whose grace period has passed, with what the guards need to decide again."""
