@@ -118,6 +118,11 @@ QUEUE_DEPTH = Gauge(
     ["queue"],
     multiprocess_mode="mostrecent",
 )
+WORKERS_ALIVE = Gauge(
+    "responder_workers_alive",
+    "Workers whose heartbeat is fresh (workers.heartbeat), at scrape time.",
+    multiprocess_mode="mostrecent",
+)
 BACKLOG = Gauge(
     "responder_backlog",
     "What the ledger says is not done, at scrape time: events not handled, runs queued or waiting.",

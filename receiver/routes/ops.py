@@ -133,8 +133,10 @@ def _scrape_queues(settings: Settings) -> None:
         for queue in ALL_QUEUES:
             pipe.llen(queue)
         depths = pipe.execute()
+        alive = len(fresh_workers(_redis(settings.redis_url), settings))
     except redis.RedisError as exc:
         log.warning("metrics_redis_unavailable", error_type=type(exc).__name__)
         return
     for queue, depth in zip(ALL_QUEUES, depths, strict=True):
         metrics.QUEUE_DEPTH.labels(queue=queue).set(depth)
+    metrics.WORKERS_ALIVE.set(alive)

@@ -36,12 +36,21 @@ def test_compose_has_every_service_and_safe_redis() -> None:
         "beat",
         "alertmanager",
         "prometheus",
+        "otel-collector",
+        "jaeger",
+        "grafana",
     }
     redis_cmd = compose["services"]["redis"]["command"]
     assert "--appendonly" in redis_cmd and "noeviction" in redis_cmd
     assert "RESPONDER_INGEST_TOKENS:?" in text
     queues = [compose["services"][w]["command"] for w in ("worker-alerts", "worker-remediations")]
-    assert queues == [["worker", "--queues", "alerts,maintenance"], ["worker", "--queues", "remediations"]]
+    assert queues == [
+        ["worker", "--queues", "alerts,maintenance", "--metrics-port", "9100"],
+        ["worker", "--queues", "remediations", "--metrics-port", "9100"],
+    ]
+    scraped = yaml.safe_load(Path("deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    targets = {t for job in scraped for c in job["static_configs"] for t in c["targets"]}
+    assert targets == {"receiver:8000", "worker-alerts:9100", "worker-remediations:9100"}
 
 
 def test_alertmanager_config_is_valid() -> None:

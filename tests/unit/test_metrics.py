@@ -60,6 +60,7 @@ def test_scrape_counts_requests_alerts_queues_and_backlog(
     assert grew("responder_alerts_received_total", status="firing", result="duplicate") == 1
     assert after[("responder_queue_depth", frozenset({("queue", "remediations")}))] == 2
     assert after[("responder_backlog", frozenset({("kind", "events_unhandled")}))] == 1
+    assert after[("responder_workers_alive", frozenset())] == 0
     assert not any("fingerprint" in dict(labels) or "run_id" in dict(labels) for _, labels in after)
     redis.Redis.from_url(redis_server.url).delete("remediations")
 
