@@ -12,6 +12,10 @@ import httpx
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat
 
 MAX_COMMAND_TIMEOUT = 900.0
+# The two characters around a secret's reference in rendered params (workers.secrets): the
+# runner replaces the reference with the secret's value before a remediation runs, so a
+# validator that sees params at planning time may let them through (str.translate table).
+SECRET_REFERENCE_MARKS = {0xE000: None, 0xE001: None}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -14,7 +14,13 @@ from typing import Any, Literal
 import httpx
 from pydantic import Field, PositiveFloat, field_validator, model_validator
 
-from remediations.base import Preflight, RemediationContext, RemediationParams, RemediationResult
+from remediations.base import (
+    SECRET_REFERENCE_MARKS,
+    Preflight,
+    RemediationContext,
+    RemediationParams,
+    RemediationResult,
+)
 from remediations.errors import PermanentError, TransientError
 from remediations.registry import remediation
 
@@ -52,7 +58,8 @@ class HttpRequestParams(RemediationParams):
         for name, value in headers.items():
             if any(ord(c) < 32 or ord(c) == 127 for c in name + value):
                 raise ValueError(f"header {name!r} contains a control character")
-            if not (name + value).isascii():
+            # A secret's reference (resolved to its value before the request) is not the header.
+            if not (name + value.translate(SECRET_REFERENCE_MARKS)).isascii():
                 raise ValueError(f"header {name!r} contains a non-ASCII character")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} may not be set (it comes from the checked URL and body)")

@@ -17,11 +17,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.stack import Stack
-from workers import tracing
+from workers import telemetry, tracing
 from workers.dev import EmbeddedRedis
 from workers.ledger.db import dispose_all, make_engine
 from workers.ledger.migrate import upgrade
 from workers.settings import get_settings
+
+# Tests configure the logging pipeline more than once: loggers must not keep an old one.
+telemetry.CACHE_LOGGERS = False
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get(

@@ -39,6 +39,7 @@ class Call:
     path: str
     body: bytes
     at: float
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class TargetServer:
@@ -58,7 +59,9 @@ class TargetServer:
         class Handler(BaseHTTPRequestHandler):
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                target.calls.append(Call(self.command, self.path, self.rfile.read(length), time.time()))
+                target.calls.append(
+                    Call(self.command, self.path, self.rfile.read(length), time.time(), dict(self.headers))
+                )
                 time.sleep(target.delay_s)
                 prefixes = sorted((p for p in target.path_status if self.path.startswith(p)), key=len)
                 status = target.path_status[prefixes[-1]] if prefixes else target.status

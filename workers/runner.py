@@ -31,7 +31,7 @@ from remediations import (
     get_remediation,
     registered,
 )
-from workers import leases, metrics, telemetry, tracing
+from workers import leases, metrics, secrets, telemetry, tracing
 from workers.breakers import Outcome as BreakerOutcome
 from workers.breakers import Transition, breaker_key
 from workers.config import ResponderConfig
@@ -109,7 +109,13 @@ def check_delivery_settings(settings: Settings, config: ResponderConfig) -> None
 
 
 def _failure(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
-    """(error text, details, retryable) for an exception raised by a remediation."""
+    """(error text, details, retryable) for an exception raised by a remediation, with every
+    known secret value and secret-looking part of a URL redacted."""
+    error, details, retryable = _described(exc)
+    return telemetry.redact_text(error), telemetry.redact_values(details), retryable
+
+
+def _described(exc: BaseException) -> tuple[str, dict[str, Any] | None, bool]:
     if isinstance(exc, RemediationError):
         return exc.message, exc.details or None, exc.retryable
     if isinstance(exc, SoftTimeLimitExceeded):
@@ -126,7 +132,15 @@ def _attempt(run: ClaimedRun, config: ResponderConfig, cancelled: threading.Even
     definition = get_remediation(run.remediation)
     context = template_context(event_alert(run.event) if run.event is not None else None)
     ctx = config.context(run_id=run.id, render=renderer(context), cancelled=cancelled)
-    params = definition.validate(run.params)  # re-checked before acting
+    # Secrets are looked up now, at the last moment, and never stored; their values are
+    # redacted from every log line, error and output from here on.
+    found: dict[str, str] = {}
+    try:
+        resolved = secrets.resolve(run.params, found)
+    finally:
+        for value in found.values():
+            telemetry.add_secret(value)
+    params = definition.validate(resolved)  # re-checked before acting
     return definition.run(ctx, params)
 
 
@@ -448,7 +462,7 @@ def _run_and_record(
         attempt_id=attempt_id,
         outcome="succeeded",
         error=None,
-        output={"summary": result.summary, **result.details},
+        output=telemetry.redact_values({"summary": result.summary, **result.details}),
         run_status="succeeded",
         run_values=_verification(config, run),
     )

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import structlog
 import structlog.tracebacks
 
-from workers import tracing
+from workers import references, tracing
 
 SECRET_KEY = re.compile(
     r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I
@@ -35,6 +35,74 @@ def redact(value: Any) -> Any:
     return value
 
 
+# Values known to be secret in this process (resolved secrets, workers.secrets): replaced
+# wherever they appear in a log line, an error or an output.
+_secrets: set[str] = set()
+_secret_values: re.Pattern[str] | None = None
+# Shorter values would redact ordinary words.
+MIN_SECRET_CHARS = 4
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+# A secret's reference (workers.secrets, U+E000...U+E001) is a name, not a value: left alone.
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;][^=&\s#]*(?:pass(?:word|wd)?|secret|token|api[_-]?key|apikey|key|sig|signature|auth|"
+    r"credential|code)[^=&\s#]*=)[^&\s#\"'\ue000]+"
+)
+_BEARER = re.compile(r"(?i)\b(bearer|basic|token)(\s+)[A-Za-z0-9._~+/=-]{8,}")
+
+
+def add_secret(value: str) -> None:
+    """Redact ``value`` from now on, wherever it appears (a secret just resolved)."""
+    global _secret_values
+    if len(value) < MIN_SECRET_CHARS or value in _secrets:
+        return
+    _secrets.add(value)
+    ordered = sorted(_secrets, key=len, reverse=True)  # a longer secret before its own prefix
+    _secret_values = re.compile("|".join(re.escape(s) for s in ordered))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every known secret value, a URL's user info, secret-named query
+    parameters and bearer-looking credentials replaced by ``[REDACTED]``."""
+    if _secret_values is not None:
+        text = _secret_values.sub(REDACTED, text)
+    if "://" in text:
+        text = _URL_USERINFO.sub(r"\1" + REDACTED + "@", text)
+    if "=" in text and ("?" in text or "&" in text or ";" in text):
+        text = _SECRET_QUERY.sub(r"\1" + REDACTED, text)
+    lowered = text.lower()
+    if "bearer" in lowered or "basic" in lowered or "token" in lowered:
+        text = _BEARER.sub(r"\1\2" + REDACTED, text)
+    return text
+
+
+def redact_values(value: Any) -> Any:
+    """A copy with secret-named keys (``redact``) and secret values (``redact_text``) redacted."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED
+            if isinstance(key, str) and SECRET_KEY.search(key) and not references.is_reference(item)
+            else redact_values(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact_values(item) for item in value]
+    return value
+
+
+def _redact_values_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The last step before rendering (tracebacks included): secret values, wherever they are."""
+    for key, item in event_dict.items():
+        if isinstance(item, str):
+            event_dict[key] = redact_text(item)
+        elif isinstance(item, (Mapping, list, tuple)):
+            event_dict[key] = redact_values(item)
+    return event_dict
+
+
 def _redact_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
@@ -47,6 +115,9 @@ def _redact_processor(
 
 
 _service = {"name": "responder"}
+# Module loggers bind to the pipeline on first use (fast); the tests, which configure it more
+# than once in a process, turn this off.
+CACHE_LOGGERS = True
 
 
 def _add_service_and_trace(
@@ -97,12 +168,14 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | 
     tracebacks = structlog.processors.ExceptionRenderer(
         structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
     )
-    final: list[Any] = [tracebacks, renderer] if as_json else [renderer]
+    final: list[Any] = (
+        [tracebacks, _redact_values_processor, renderer] if as_json else [_redact_values_processor, renderer]
+    )
     structlog.configure(
         processors=[*shared, *final],
         logger_factory=lambda name="", *_: _NamedWriteLogger(stream, name),
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=CACHE_LOGGERS,
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(

@@ -34,6 +34,7 @@ from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from workers import secrets
 from workers.alerts import Alert
 
 MAX_RENDERED_CHARS = 64 * 1024
@@ -207,6 +208,8 @@ _ENV.filters["path_segment"] = path_segment
 for _name, _fn in list(_ENV.filters.items()):
     _ENV.filters[_name] = _bounded_filter(_fn, _AMPLIFIERS.get(_name))
 _ENV.globals["range"] = _bounded_range
+# secret('NAME') renders a reference, resolved only as the remediation runs (workers.secrets).
+_ENV.globals["secret"] = secrets.reference
 
 
 def _on_alarm(_signum: int, _frame: Any) -> None:
@@ -250,11 +253,23 @@ def compile_template(source: str) -> Template:
 
 
 def template_context(alert: Alert | None) -> dict[str, Any]:
-    """The variables templates see: ``labels``, ``annotations`` and ``alert``."""
+    """The variables templates see: ``labels``, ``annotations`` and ``alert``; every string
+    without the characters of a secret reference (alert data must never forge one)."""
     if alert is None:
         return {"labels": {}, "annotations": {}, "alert": {}}
-    data = alert.template_data()
+    data = _scrubbed(alert.template_data())
     return {"labels": data["labels"], "annotations": data["annotations"], "alert": data}
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return secrets.scrub(value)
+    if isinstance(value, dict):
+        return {
+            secrets.scrub(key) if isinstance(key, str) else key: _scrubbed(item)
+            for key, item in value.items()
+        }
+    return value
 
 
 def render_string(source: str, context: Mapping[str, Any]) -> str:
@@ -268,7 +283,14 @@ def render_string(source: str, context: Mapping[str, Any]) -> str:
 
 
 def render_value(value: Any, context: Mapping[str, Any], path: str = "params") -> Any:
-    """Render every string inside a params structure (dicts and lists walked, keys left alone)."""
+    """Render every string inside a params structure (dicts and lists walked, keys left alone);
+    a ``{secret: NAME}`` value becomes the secret's reference (``workers.secrets``)."""
+    try:
+        reference = secrets.whole_param(value)
+    except secrets.SecretError as exc:
+        raise RenderError(f"{path}: {exc}") from exc
+    if reference is not None:
+        return reference
     if isinstance(value, str):
         try:
             return render_string(value, context)
@@ -288,6 +310,11 @@ def renderer(context: Mapping[str, Any]) -> Callable[[str], str]:
 
 def check_syntax(value: Any, path: str = "params") -> None:
     """Compile every template in a params structure, raising RenderError naming the bad one."""
+    try:
+        if secrets.whole_param(value) is not None:
+            return
+    except secrets.SecretError as exc:
+        raise RenderError(f"{path}: {exc}") from exc
     if isinstance(value, str):
         try:
             compile_template(value)

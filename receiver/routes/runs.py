@@ -10,16 +10,23 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_fiel
 
 from receiver.deps import RequireOperator, SettingsDep
 from receiver.errors import ApiError
-from workers import tracing
+from workers import references, tracing
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import Run
 from workers.ledger.states import RunStatus
-from workers.telemetry import redact
+from workers.telemetry import redact_values
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"], dependencies=[RequireOperator])
 
-Redacted = Annotated[dict[str, Any] | None, AfterValidator(redact)]
+
+def _for_people(value: Any) -> Any:
+    """Secret references as ``{secret:NAME}``; secret-named keys and secret-looking values
+    redacted."""
+    return references.shown(redact_values(value))
+
+
+Redacted = Annotated[dict[str, Any] | None, AfterValidator(_for_people)]
 
 
 class AttemptOut(BaseModel):
@@ -46,7 +53,7 @@ class RunOut(BaseModel):
     id: str
     rule: str | None
     remediation: str
-    params: Annotated[dict[str, Any], AfterValidator(redact)]
+    params: Annotated[dict[str, Any], AfterValidator(_for_people)]
     preflight: Redacted
     mode: str
     status: str
