@@ -45,6 +45,13 @@ def canonical_time(value: str) -> str:
     )
 
 
+def instant(canonical: str) -> datetime | None:
+    """The UTC instant of a canonical timestamp (microseconds), None for Alertmanager's zero time."""
+    if canonical == ZERO_TIME:
+        return None
+    return datetime.fromisoformat(canonical[:26] + "+00:00")
+
+
 def no_nul(value: str) -> str:
     """Refuse NUL characters: no text column can store them (PostgreSQL refuses them)."""
     if "\x00" in value:

@@ -91,6 +91,17 @@ RUN_DURATION = Histogram(
     ["remediation"],
     buckets=RUN_BUCKETS,
 )
+TIME_TO_RESOLVE = Histogram(
+    "responder_time_to_resolve_seconds",
+    "From a succeeded run to its alert resolving (Alertmanager's endsAt), by rule: does it fix things?",
+    ["rule"],
+    buckets=RESOLVE_BUCKETS,
+)
+REFIRED = Counter(
+    "responder_alert_refired_total",
+    "New episodes of an alert within an hour of a handled one resolving, by rule that ran on it.",
+    ["rule"],
+)
 BREAKER_STATE = Gauge(
     "responder_breaker_state",
     "Circuit breakers by remediation and state (closed, open, half_open), from the ledger at scrape time.",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 from remediations import RemediationDef, RemediationParams, ResponderError, get_remediation
 from workers import metrics, telemetry, tracing
 from workers.admission import Mode, RunRequest, Trigger, admit, decide
-from workers.alerts import Alert
+from workers.alerts import Alert, instant
 from workers.config import ResponderConfig, Rule
 from workers.guardstate import GuardState, group_key, needs_slot
 from workers.ledger import repository
@@ -411,6 +412,7 @@ def _admit(
         for run_id in cancelled:
             metrics.count_decision("cancelled", "resolved")
             log.info("run_cancelled", run_id=run_id, reason="resolved")
+    _note_outcomes(session, planned)
     requests = [(one, plan) for one in planned for plan in one.plans]
     admissions = admit(
         session,
@@ -464,6 +466,30 @@ def _admit(
             traces[admission.run_id] = admission.trace_context
     escalations = escalate(session, causes, config, guards)
     return queued + escalations
+
+
+# A new episode of an alert this soon after a handled one resolved counts as firing again.
+REFIRED_WITHIN_S = 3600.0
+
+
+def _note_outcomes(session: Session, planned: Sequence[_EventPlan]) -> None:
+    """Did the automation work? A resolved event records on its episode's runs when it resolved
+    (``responder_time_to_resolve_seconds`` from each succeeded run); a new firing episode
+    soon after a handled one resolved counts as the alert firing again, per rule that ran."""
+    resolved: dict[tuple[str, str], datetime] = {}
+    fired: list[tuple[str, str, datetime]] = []
+    for one in planned:
+        event = one.event
+        if event.status == "resolved":
+            resolved[(event.fingerprint, event.starts_at)] = instant(event.ends_at) or event.received_at
+        elif (began := instant(event.starts_at)) is not None:
+            fired.append((event.fingerprint, event.starts_at, began))
+    for run in repository.note_episodes_resolved(session, resolved):
+        if run.status == RunStatus.SUCCEEDED.value and run.finished_at is not None and run.rule:
+            seconds = max(0.0, (run.resolved_at - run.finished_at).total_seconds())
+            metrics.TIME_TO_RESOLVE.labels(rule=run.rule).observe(seconds)
+    for rule in repository.refired_rules(session, fired, REFIRED_WITHIN_S):
+        metrics.REFIRED.labels(rule=rule).inc()
 
 
 @dataclass(frozen=True)

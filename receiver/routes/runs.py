@@ -80,8 +80,18 @@ class RunOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # When the run's alert resolved (its episode's resolved notification).
+    resolved_at: datetime | None = None
     attempts: list[AttemptOut]
     trace_context: Annotated[dict[str, Any] | None, Field(exclude=True)] = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def time_to_resolve_s(self) -> float | None:
+        """Seconds from the run succeeding to its alert resolving (0 if it had resolved already)."""
+        if self.status != "succeeded" or self.finished_at is None or self.resolved_at is None:
+            return None
+        return max(0.0, round((self.resolved_at - self.finished_at).total_seconds(), 3))
 
     @computed_field  # type: ignore[prop-decorator]
     @property

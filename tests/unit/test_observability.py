@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
 import structlog
+from fastapi.testclient import TestClient
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import REGISTRY
 
+from receiver.app import create_app
 from tests.helpers import RecordingPublisher, alert_payload, compat_config
 from tests.stack import TargetServer
 from workers import runner, tracing
 from workers.alerts import WebhookPayload
-from workers.config import parse_config
+from workers.config import ResponderConfig, parse_config
 from workers.ledger import db, repository
 from workers.ledger.db import transaction
 from workers.ledger.models import Run
@@ -156,3 +160,56 @@ def test_slow_statements_are_logged_without_their_parameters(sqlite_url: str) ->
     (slow,) = [line for line in logs if line["event"] == "slow_statement"]
     assert slow["statement"].startswith("WITH RECURSIVE n(i)") and slow["duration_ms"] >= 50
     assert "canary-value" not in repr(logs)
+
+
+def _handle_payload(
+    url: str, payload: dict[str, object], config: ResponderConfig, settings: Settings
+) -> list[str]:
+    parsed = WebhookPayload.model_validate(payload)
+    with transaction(url) as session:
+        (recorded,) = repository.record_notifications(
+            session, [repository.Notification(parsed.alerts, "r", "g")]
+        )
+    return handle_events(
+        event_ids=[r.event_id for r in recorded],
+        settings=settings,
+        config=config,
+        publisher=RecordingPublisher(settings),
+    )
+
+
+def test_time_to_resolve_and_firing_again_are_measured(sqlite_url: str, target: TargetServer) -> None:
+    """A succeeded run whose alert resolves 90 s later: resolved_at on the run, 90 s in the
+    runs API and in responder_time_to_resolve_seconds (once, however often the resolution is
+    repeated); a new episode 10 minutes after counts as firing again for the rule."""
+    config = parse_config(compat_config(target.port))
+    settings = Settings(database_url=sqlite_url, operator_tokens="op", ingest_tokens="in")
+    firing = alert_payload("ResponderProbe", instance="r1")
+    (run_id,) = _handle_payload(sqlite_url, firing, config, settings)
+    assert runner.execute(run_id=run_id, task_id="t", settings=settings, config=config).outcome == "succeeded"
+    with transaction(sqlite_url) as session:
+        run = session.get(Run, run_id)
+        assert run is not None and run.finished_at is not None
+        finished = run.finished_at
+    resolved = alert_payload("ResponderProbe", status="resolved", instance="r1")
+    resolved["alerts"][0]["startsAt"] = firing["alerts"][0]["startsAt"]
+    resolved["alerts"][0]["endsAt"] = (finished + timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    count = ("responder_time_to_resolve_seconds_count", {"rule": "probe-http"})
+    total = ("responder_time_to_resolve_seconds_sum", {"rule": "probe-http"})
+    before = (REGISTRY.get_sample_value(*count) or 0, REGISTRY.get_sample_value(*total) or 0)
+    _handle_payload(sqlite_url, resolved, config, settings)
+    resolved["alerts"][0]["annotations"] = {"again": "yes"}
+    resolved["groupKey"] = "another"
+    _handle_payload(sqlite_url, resolved, config, settings)  # a duplicate: nothing recorded twice
+    assert (REGISTRY.get_sample_value(*count) or 0) - before[0] == 1
+    assert abs((REGISTRY.get_sample_value(*total) or 0) - before[1] - 90) < 0.01
+    with TestClient(create_app(settings=settings, publisher=RecordingPublisher(settings))) as client:
+        shown = client.get(f"/api/v1/runs/{run_id}", headers={"Authorization": "Bearer op"}).json()
+    assert shown["time_to_resolve_s"] == 90.0 and shown["resolved_at"] is not None
+
+    refired = ("responder_alert_refired_total", {"rule": "probe-http"})
+    before_refired = REGISTRY.get_sample_value(*refired) or 0
+    again = alert_payload("ResponderProbe", instance="r1")
+    again["alerts"][0]["startsAt"] = (finished + timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _handle_payload(sqlite_url, again, config, settings)
+    assert (REGISTRY.get_sample_value(*refired) or 0) - before_refired == 1

@@ -145,6 +145,8 @@ class Run(Base):
     repeat: Mapped[int] = mapped_column(Integer, default=0)
     # The context of the span that made the run (workers.tracing): its attempts' parent.
     trace_context: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    # When its alert's episode resolved (the resolved event's endsAt): did the run fix it?
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # When run_remediation was last published, and how often since the last claim: a run that

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -399,6 +399,73 @@ def cancel_pending_episode_runs(session: Session, episodes: Iterable[tuple[str, 
         )
         cancelled.extend(result.scalars())
     return cancelled
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run whose alert's episode has just been seen to resolve."""
+
+    rule: str | None
+    status: str
+    finished_at: datetime | None
+    resolved_at: datetime
+
+
+def note_episodes_resolved(
+    session: Session, resolved: Mapping[tuple[str, str], datetime]
+) -> list[ResolvedRun]:
+    """Record on the alert runs of each resolved episode when it resolved (once: a repeated
+    resolved notification changes nothing); returns the runs just updated."""
+    found: list[ResolvedRun] = []
+    for (fingerprint, starts_at), at in resolved.items():
+        rows = session.connection().execute(
+            update(RUNS)
+            .where(
+                RUNS.c.trigger == "alert",
+                RUNS.c.fingerprint == fingerprint,
+                RUNS.c.starts_at == starts_at,
+                RUNS.c.resolved_at.is_(None),
+            )
+            .values(resolved_at=at)
+            .returning(RUNS.c.rule, RUNS.c.status, RUNS.c.finished_at)
+        )
+        found.extend(ResolvedRun(rule, status, finished_at, at) for rule, status, finished_at in rows)
+    return found
+
+
+def refired_rules(
+    session: Session, episodes: Iterable[tuple[str, str, datetime]], within_s: float
+) -> list[str]:
+    """For each new episode (fingerprint, startsAt, its instant), the rules that ran on an
+    earlier episode of the same alert that resolved less than ``within_s`` before it began: the
+    alert fired again soon after it was handled."""
+    episodes = list(episodes)
+    if not episodes:
+        return []
+    # One statement for the whole batch (the episode index), filtered here.
+    rows = session.connection().execute(
+        select(RUNS.c.fingerprint, RUNS.c.starts_at, RUNS.c.rule, RUNS.c.resolved_at).where(
+            RUNS.c.trigger == "alert",
+            RUNS.c.fingerprint.in_({fingerprint for fingerprint, _, _ in episodes}),
+            RUNS.c.resolved_at >= min(began for _, _, began in episodes) - timedelta(seconds=within_s),
+            RUNS.c.rule.is_not(None),
+        )
+    )
+    earlier: dict[str, list[tuple[str, str, datetime]]] = {}
+    for fingerprint, starts_at, rule, resolved_at in rows:
+        earlier.setdefault(fingerprint, []).append((starts_at, rule, resolved_at))
+    rules: list[str] = []
+    for fingerprint, starts_at, began in episodes:
+        rules.extend(
+            sorted(
+                {
+                    rule
+                    for other, rule, resolved_at in earlier.get(fingerprint, [])
+                    if other != starts_at and began - timedelta(seconds=within_s) <= resolved_at <= began
+                }
+            )
+        )
+    return rules
 
 
 def settle_slot(session: Session, run_id: str, *, status: RunStatus, reason: str | None) -> None:
