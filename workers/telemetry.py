@@ -91,11 +91,39 @@ def redact_values(value: Any) -> Any:
     return value
 
 
+# Fields whose values we make (ids, names, times): never a secret, not scanned. Not ``event``:
+# a standard-library line's message is its event.
+_OURS = frozenset(
+    {
+        "level",
+        "logger",
+        "timestamp",
+        "service",
+        "trace_id",
+        "span_id",
+        "correlation_id",
+        "run_id",
+        "event_id",
+        "task_id",
+        "task_name",
+        "rule",
+        "remediation",
+        "fingerprint",
+        "trigger",
+        "status",
+        "reason",
+        "outcome",
+    }
+)
+
+
 def _redact_values_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """The last step before rendering (tracebacks included): secret values, wherever they are."""
     for key, item in event_dict.items():
+        if key in _OURS:
+            continue
         if isinstance(item, str):
             event_dict[key] = redact_text(item)
         elif isinstance(item, (Mapping, list, tuple)):
