@@ -29,7 +29,10 @@ def _logging(role: str) -> None:
 
     settings = get_settings()
     telemetry.configure_logging(
-        fmt=settings.log_format, level=settings.log_level, service=f"responder-{role}"
+        fmt=settings.log_format,
+        level=settings.log_level,
+        service=f"responder-{role}",
+        secret_keys=settings.redact_keys,
     )
     configure(lock_timeout_s=settings.db_lock_timeout_s, slow_statement_s=settings.slow_statement_ms / 1000)
 

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
+    # More key names whose values are secret (redacted in logs, the runs API, outputs), besides
+    # password, secret, token, authorization, api_key, cookie, credential, private_key.
+    redact_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Publishing from the receiver: bounded so the webhook answers well under Alertmanager's 10 s.
     publish_connect_timeout_s: float = Field(default=1.0, gt=0)
@@ -80,6 +83,13 @@ class Settings(BaseSettings):
 
     # Celery beat's Redis keys (celery-redbeat); separate prefixes keep deployments apart.
     redbeat_key_prefix: str = "responder:redbeat:"
+
+    @field_validator("redact_keys", mode="before")
+    @classmethod
+    def _split_words(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [word.strip() for word in value.split(",") if word.strip()]
+        return value
 
     @field_validator("ingest_tokens", "operator_tokens", mode="before")
     @classmethod

@@ -36,7 +36,9 @@ def _publisher() -> Publisher:
 def _setup_logging(**_: Any) -> None:
     """Keep Celery from configuring logging: structlog's pipeline owns it."""
     settings = get_settings()
-    telemetry.configure_logging(fmt=settings.log_format, level=settings.log_level)
+    telemetry.configure_logging(
+        fmt=settings.log_format, level=settings.log_level, secret_keys=settings.redact_keys
+    )
     configure(lock_timeout_s=settings.db_lock_timeout_s, slow_statement_s=settings.slow_statement_ms / 1000)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, TextIO
 
 import structlog
@@ -17,10 +17,34 @@ import structlog.tracebacks
 
 from workers import references, tracing
 
-SECRET_KEY = re.compile(
-    r"(pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key)", re.I
+# Keys whose values are secret wherever they appear (params, headers, log fields); more with
+# RESPONDER_REDACT_KEYS (``redact_keys``).
+_REDACTED_KEY_WORDS = (
+    r"pass(word|wd)?|secret|token|authori[sz]ation|api[_-]?key|cookie|credential|private[_-]?key"
 )
+SECRET_KEY = re.compile(f"({_REDACTED_KEY_WORDS})", re.I)
 REDACTED = "[REDACTED]"
+
+
+def redact_keys(extra: Sequence[str]) -> None:
+    """Also treat keys containing any of ``extra`` (plain words, case-insensitive) as secret."""
+    global SECRET_KEY
+    words = "|".join(re.escape(word) for word in extra if word)
+    SECRET_KEY = re.compile(f"({_REDACTED_KEY_WORDS}{'|' + words if words else ''})", re.I)
+
+
+def _error_fields(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``error_type`` and ``error`` as the fields ``error.type`` and ``error.message`` (an empty
+    error is left out)."""
+    if "error_type" in event_dict:
+        event_dict["error.type"] = event_dict.pop("error_type")
+    if "error" in event_dict:
+        error = event_dict.pop("error")
+        if error is not None:
+            event_dict["error.message"] = error if isinstance(error, str) else str(error)
+    return event_dict
 
 
 def redact(value: Any) -> Any:
@@ -164,7 +188,9 @@ class _NamedWriteLogger(structlog.WriteLogger):
         self.name = name
 
 
-def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | None = None) -> None:
+def configure_logging(
+    *, fmt: str = "auto", level: str = "INFO", service: str | None = None, secret_keys: Sequence[str] = ()
+) -> None:
     """One pipeline for our structlog lines and the standard library's (Celery, uvicorn);
     ``service``: this process's role (``responder-receiver``...; kept if not given).
 
@@ -175,6 +201,7 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | 
     """
     if service:
         _service["name"] = service
+    redact_keys(secret_keys)
     # stdout, as services log (twelve-factor); structlog and the handler flush every line.
     stream = sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
@@ -185,6 +212,7 @@ def configure_logging(*, fmt: str = "auto", level: str = "INFO", service: str | 
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_service_and_trace,
+        _error_fields,
         _redact_processor,
     ]
     renderer: Any = (

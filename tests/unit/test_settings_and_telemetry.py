@@ -46,12 +46,19 @@ def test_redact_by_key() -> None:
 
 def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     """Services log JSON lines carrying the bound keys and the logger's name, ours and the standard
-    library's alike; secret-named fields are redacted; lines under the level are dropped."""
-    telemetry.configure_logging(fmt="json", level="INFO")
+    library's alike; secret-named fields (and the configured extra key words) are redacted;
+    errors are error.type and error.message; lines under the level are dropped."""
+    telemetry.configure_logging(fmt="json", level="INFO", service="responder-test", secret_keys=["session"])
     try:
         telemetry.clear()
         telemetry.bind(run_id="r1", rule="probe")
-        telemetry.get_logger("t").info("remediation_succeeded", token="abc", params={"password": "p"})
+        telemetry.get_logger("t").info(
+            "remediation_succeeded",
+            token="abc",
+            params={"password": "p", "Session-Id": "s1"},
+            error_type="ValueError",
+            error="bad value",
+        )
         telemetry.get_logger("t").debug("below_the_level")
         logging.getLogger("celery.x").warning("stdlib line")
         logging.getLogger("celery.x").debug("stdlib below the level")
@@ -60,12 +67,16 @@ def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.Captur
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()
+        telemetry.redact_keys([])
     import json
 
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     first, stdlib, cleared = lines
     assert first["event"] == "remediation_succeeded" and first["run_id"] == "r1" and first["rule"] == "probe"
-    assert first["token"] == "[REDACTED]" and first["params"] == {"password": "[REDACTED]"}
+    assert first["token"] == "[REDACTED]"
+    assert first["params"] == {"password": "[REDACTED]", "Session-Id": "[REDACTED]"}
+    assert first["error.type"] == "ValueError" and first["error.message"] == "bad value"
+    assert "error" not in first and "error_type" not in first and first["service"] == "responder-test"
     assert first["logger"] == "t" and first["level"] == "info" and first["timestamp"].endswith("Z")
     assert stdlib["event"] == "stdlib line" and stdlib["run_id"] == "r1"
     assert stdlib["logger"] == "celery.x" and stdlib["level"] == "warning"
