@@ -28,6 +28,9 @@ from remediations.registry import remediation
 
 MAX_TIMEOUT = MAX_COMMAND_TIMEOUT
 POLL_S = 0.2
+# After a command exits, how long what it left in its group may take to leave it (setsid).
+DETACH_GRACE_S = 0.5
+DETACH_POLL_S = 0.02
 OUTPUT_LIMIT_BYTES = 16 * 1024
 PR_SET_PDEATHSIG = 1
 TEMPLATE_MARKERS = ("{{", "{%")
@@ -121,9 +124,18 @@ def _group_members(pgid: int) -> int:
     return count
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> int:
-    """SIGKILL what is left of the command's process group; returns how many processes that was."""
+def _kill_group(proc: subprocess.Popen[bytes], *, detach_grace_s: float = 0.0) -> int:
+    """SIGKILL what is left of the command's process group; returns how many processes that was.
+
+    ``detach_grace_s``: first give what is left that long to leave the group. A script that
+    ends with ``setsid daemon &`` exits before its background child has called setsid(2);
+    killed at once, that child (the daemon) would die with the group some of the time.
+    """
     members = _group_members(proc.pid)
+    deadline = time.monotonic() + detach_grace_s
+    while members and time.monotonic() < deadline:
+        time.sleep(DETACH_POLL_S)
+        members = _group_members(proc.pid)
     if members:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -192,7 +204,7 @@ def run_command(ctx: RemediationContext, params: RunCommandParams) -> Remediatio
         # is left of the group after the command (a child it started in the background) is
         # killed too: an orphan must not go on acting after the attempt is recorded.
         reason = stop_reason or "left running after the command exited"
-        killed = _kill_group(proc)
+        killed = _kill_group(proc, detach_grace_s=0.0 if stop_reason else DETACH_GRACE_S)
         proc.wait()
     incomplete = False
     for reader in readers:

@@ -208,6 +208,22 @@ def test_detached_daemon_survives(tmp_path: Path) -> None:
     os.kill(int(pids.read_text()), signal.SIGKILL)
 
 
+def test_a_daemon_that_detaches_a_moment_after_the_script_exits_survives(tmp_path: Path) -> None:
+    """The script exits before its background child has called setsid (here 0.2 s later, as a
+    loaded machine makes it): the child is given time to leave the group, not killed in it."""
+    pids = tmp_path / "late.pid"
+    spec = _script(
+        tmp_path,
+        "late.sh",
+        f"(sleep 0.2; exec setsid sh -c 'echo $$ > {pids}; exec sleep 30') >/dev/null 2>&1 < /dev/null &\n"
+        "echo started\n",
+    )
+    result = run_command(ctx_for({"restart": spec}), RunCommandParams(command="restart"))
+    assert result.details["processes_killed"] == 0 and "kill_reason" not in result.details
+    assert _running(pids)
+    os.kill(int(pids.read_text()), signal.SIGKILL)
+
+
 def test_cancelled_attempt_stops_its_command(tmp_path: Path) -> None:
     """When the engine cancels the attempt (lease lost), the command is killed at once."""
     spec = _script(tmp_path, "long.sh", "sleep 30\n")
