@@ -25,6 +25,8 @@ from workers.settings import get_settings
 
 # Tests configure the logging pipeline more than once: loggers must not keep an old one.
 telemetry.CACHE_LOGGERS = False
+# Spans recorded even where nothing exports them (workers.tracing), for the in-memory exporter.
+os.environ.setdefault("OTEL_TRACES_SAMPLER", "parentbased_always_on")
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PG_URL = os.environ.get(

@@ -5,6 +5,7 @@ One ``TracerProvider`` per process, set up once for its role (``receiver``, ``wo
 the sampler from ``OTEL_TRACES_SAMPLER`` (the SDK's default, parent-based always-on), spans
 exported over OTLP (HTTP/protobuf) only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set, and nothing at all with ``OTEL_SDK_DISABLED=true``.
+With no exporter and no sampler set, spans are not recorded, but their ids exist and travel.
 
 A message can be lost and sent again later by the reconciler, a retry or the dispatcher, from
 contexts that have nothing to do with the alert. So the context is not only carried in the
@@ -28,7 +29,7 @@ from typing import Any
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 Carrier = dict[str, str]
@@ -80,7 +81,14 @@ def configure_tracing(role: str, *, processors: Sequence[SpanProcessor] = ()) ->
         attributes: dict[str, Any] = {"service.version": version(), "service.namespace": "alert-responder"}
         if not os.environ.get("OTEL_SERVICE_NAME"):
             attributes["service.name"] = f"responder-{role}"
-        provider = TracerProvider(resource=Resource.create(attributes))
+        # Nothing to export them to (and no sampler asked for): spans are not recorded. Each
+        # still has its ids, so logs, messages and the runs API carry the trace as before, at
+        # a fraction of the cost of building spans nobody receives.
+        quiet = not exporting() and not processors and not os.environ.get("OTEL_TRACES_SAMPLER")
+        provider = TracerProvider(
+            resource=Resource.create(attributes),
+            sampler=sampling.ParentBased(sampling.ALWAYS_OFF) if quiet else None,
+        )
         if exporting():
             # Imported only when used: the exporter pulls in protobuf and requests.
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -3,7 +3,10 @@ summary line, slow statements."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -213,3 +216,19 @@ def test_time_to_resolve_and_firing_again_are_measured(sqlite_url: str, target: 
     again["alerts"][0]["startsAt"] = (finished + timedelta(minutes=10)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     _handle_payload(sqlite_url, again, config, settings)
     assert (REGISTRY.get_sample_value(*refired) or 0) - before_refired == 1
+
+
+def test_without_an_exporter_spans_are_not_recorded_but_their_ids_travel() -> None:
+    """No exporter and no sampler set: a span is not recorded (nothing would receive it), yet it
+    has a valid trace id that the carrier, and so the ledger and the messages, carry."""
+    code = (
+        "from opentelemetry import trace\n"
+        "from workers import tracing\n"
+        "tracing.configure_tracing('worker')\n"
+        "with tracing.tracer.start_as_current_span('x') as span:\n"
+        "    carrier = tracing.current_carrier('r-1')\n"
+        "    print(span.is_recording(), tracing.trace_id(carrier) is not None, carrier['x_request_id'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True", "r-1"], done.stderr
