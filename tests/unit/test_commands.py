@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from remediations import CommandSpec, PermanentError, RemediationContext, TransientError
-from remediations.commands import OUTPUT_LIMIT_BYTES, RunCommandParams, preflight_run_command, run_command
+from remediations.commands import RunCommandParams, preflight_run_command, run_command
+from remediations.processes import OUTPUT_LIMIT_BYTES
 from workers.alerts import Alert
 from workers.templating import renderer, template_context
 
