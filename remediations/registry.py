@@ -31,7 +31,7 @@ __all__ = [
     "remediation",
 ]
 
-BUILTIN_MODULES = ("remediations.http", "remediations.commands")
+BUILTIN_MODULES = ("remediations.http", "remediations.commands", "remediations.backup")
 
 RemediationFn = Callable[[RemediationContext, Any], RemediationResult]
 PreflightFn = Callable[[RemediationContext, Any], Preflight]
