@@ -50,7 +50,9 @@ from remediations.errors import PermanentError, TransientError
 from remediations.processes import Finished, run_process
 from remediations.registry import remediation
 
-MAX_BACKUP_TIMEOUT = 6 * 3600.0
+# A backup's attempt is one message: its hard limit, twice over, must stay under the broker's
+# visibility timeout (an hour by default; workers.runner.check_delivery_settings).
+MAX_BACKUP_TIMEOUT = 1500.0
 CHUNK = 1024 * 1024
 SQLITE_PAGES_PER_STEP = 1024
 CONNECT_TIMEOUT_S = 10
@@ -74,7 +76,7 @@ class BackupParams(RemediationParams):
     )
     keep: int = Field(default=7, ge=1, le=10_000, description="Complete backups kept; older are deleted.")
     compress: int = Field(default=6, ge=1, le=9, description="Compression level (1 fastest, 9 smallest).")
-    timeout: Duration = Field(default=1800.0, le=MAX_BACKUP_TIMEOUT, description="Time for the whole backup.")
+    timeout: Duration = Field(default=900.0, le=MAX_BACKUP_TIMEOUT, description="Time for the whole backup.")
 
     @field_validator("directory")
     @classmethod
@@ -281,7 +283,7 @@ def _program(name: str) -> str:
 
 @remediation(
     name="postgres_backup",
-    timeout=1800.0,
+    timeout=900.0,
     max_timeout=MAX_BACKUP_TIMEOUT,
     preflight=_postgres_preflight,
     target=TARGET,
@@ -394,7 +396,7 @@ def _test_restore(
 
 @remediation(
     name="sqlite_backup",
-    timeout=1800.0,
+    timeout=900.0,
     max_timeout=MAX_BACKUP_TIMEOUT,
     preflight=_sqlite_preflight,
     target=TARGET,

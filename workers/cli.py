@@ -164,12 +164,13 @@ def _multiprocess_metrics() -> None:
 @main.command()
 def beat() -> None:
     """Run Celery beat (one active across replicas, by a Redis lock)."""
+    from workers.config import cached_config
     from workers.schedules import beat_schedule
 
     settings = get_settings()
     _logging("beat")
     app = _worker_app()
-    app.conf.beat_schedule = beat_schedule(settings)
+    app.conf.beat_schedule = beat_schedule(settings, cached_config(settings.config))
     app.start(["beat", "--loglevel", settings.log_level])
 
 

@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from celery.schedules import crontab
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from remediations import (
     CommandSpec,
@@ -178,6 +187,66 @@ class Rule(BaseModel):
         return matches(labels, self._matchers)
 
 
+class Schedule(BaseModel):
+    """A remediation run on a timetable (by beat): ``every`` (a duration) or ``cron`` (five
+    fields: minute hour day-of-month month day-of-week, in UTC), with static params (secrets
+    allowed, no alert data). Its runs are recorded like any other (trigger ``schedule``, the
+    schedule's name as ``rule``), one run of a schedule at a time (``workers.schedules``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+    every_s: Duration | None = Field(default=None, alias="every", ge=1.0, le=MAX_WINDOW_S)
+    cron: str | None = None
+    remediation: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    mode: Literal["enforce", "dry_run"] = "enforce"
+    enabled: bool = True
+    # A backup schedule's last success older than this is stale (``ResponderBackupStale``);
+    # by default twice ``every``. A cron schedule states it.
+    stale_after_s: Duration | None = Field(default=None, alias="stale_after", le=400 * 86400.0)
+
+    @field_validator("cron")
+    @classmethod
+    def _parse_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            crontab_of(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_timetable(self) -> Schedule:
+        if (self.every_s is None) == (self.cron is None):
+            raise ValueError("give exactly one of every and cron")
+        if self.cron is not None and self.stale_after_s is None:
+            raise ValueError("a cron schedule needs stale_after (how old its last success may get)")
+        return self
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds after which a last success is stale."""
+        return self.stale_after_s or 2 * (self.every_s or 0.0)
+
+    @property
+    def timetable(self) -> str:
+        """``every 3600s`` or ``cron 15 3 * * *``, as shown to people."""
+        return f"every {self.every_s:g}s" if self.every_s is not None else f"cron {self.cron}"
+
+
+def crontab_of(text: str) -> crontab:
+    """Celery's crontab for a five-field cron line; ValueError when it is not one."""
+    fields = text.split()
+    if len(fields) != 5:
+        raise ValueError("cron needs five fields: minute hour day-of-month month day-of-week")
+    minute, hour, day_of_month, month, day_of_week = fields
+    try:
+        return crontab(
+            minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month, day_of_week=day_of_week
+        )
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"not a cron line: {text!r} ({exc})") from exc
+
+
 class ResponderConfig(BaseModel):
     """The whole config file."""
 
@@ -193,6 +262,8 @@ class ResponderConfig(BaseModel):
     # Run when a budget is exhausted (once per rule and window, not once per alert) and when a
     # breaker opens (once per opening).
     escalation: Action | None = None
+    # Remediations run on a timetable (database backups above all).
+    schedules: list[Schedule] = Field(default_factory=list)
 
     def context(self, **overrides: Any) -> RemediationContext:
         """A remediation context carrying this config's allowlist and commands."""
@@ -209,6 +280,10 @@ class ResponderConfig(BaseModel):
     def rule(self, name: str) -> Rule | None:
         """The rule called ``name``, if any."""
         return next((rule for rule in self.rules if rule.name == name), None)
+
+    def schedule(self, name: str) -> Schedule | None:
+        """The schedule called ``name``, if any."""
+        return next((schedule for schedule in self.schedules if schedule.name == name), None)
 
     def breaker_of(self, rule: str | None, remediation: str) -> Breaker:
         """The breaker settings of a run: its rule's, else its remediation's, else the default."""
@@ -273,6 +348,13 @@ def _static_problems(config: ResponderConfig) -> list[str]:
         problems.extend(_group_problems(rule, where))
     if config.escalation is not None:
         problems.extend(_action_problems(config, config.escalation, "escalation"))
+    for index, schedule in enumerate(config.schedules):
+        where = f"schedules[{index}] ({schedule.name})"
+        if schedule.name in seen:
+            problems.append(f"{where}.name: already the name of a rule or schedule")
+        seen.add(schedule.name)
+        action = Action(remediation=schedule.remediation, params=schedule.params)
+        problems.extend(_action_problems(config, action, where))
     for name in sorted(set(config.remediations) - set(registered())):
         problems.append(
             f"remediations.{name}: unknown remediation (known: {', '.join(sorted(registered()))})"

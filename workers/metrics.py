@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -28,6 +30,9 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import MetricsHandler
+
+if TYPE_CHECKING:
+    from workers.ledger.schedules import BackupStatus
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -140,6 +145,45 @@ BACKLOG = Gauge(
     ["kind"],
     multiprocess_mode="mostrecent",
 )
+
+# Backups (workers.ledger.schedules), from the ledger at scrape time, per backup schedule.
+BACKUP_LAST_SUCCESS = Gauge(
+    "responder_backup_last_success_timestamp_seconds",
+    "When the last succeeded run of each backup schedule finished (absent until one succeeds).",
+    ["schedule"],
+    multiprocess_mode="mostrecent",
+)
+BACKUP_SIZE = Gauge(
+    "responder_backup_size_bytes",
+    "Size of the file the last succeeded run of each backup schedule wrote.",
+    ["schedule"],
+    multiprocess_mode="mostrecent",
+)
+BACKUP_STALE_AFTER = Gauge(
+    "responder_backup_stale_after_seconds",
+    "How old each backup schedule's last success may get (its stale_after: by default twice its interval).",
+    ["schedule"],
+    multiprocess_mode="mostrecent",
+)
+BACKUP_INSTALLED = Gauge(
+    "responder_backup_installed_timestamp_seconds",
+    "When beat first installed each backup schedule (a backup that never succeeded is stale from it).",
+    ["schedule"],
+    multiprocess_mode="mostrecent",
+)
+
+
+def set_backups(backups: Sequence[BackupStatus]) -> None:
+    """The backup gauges for the installed backup schedules (a removed one's series go away)."""
+    for gauge in (BACKUP_LAST_SUCCESS, BACKUP_SIZE, BACKUP_STALE_AFTER, BACKUP_INSTALLED):
+        gauge.clear()
+    for backup in backups:
+        BACKUP_STALE_AFTER.labels(backup.schedule).set(backup.stale_after_s)
+        BACKUP_INSTALLED.labels(backup.schedule).set(backup.since.timestamp())
+        if backup.succeeded_at is not None:
+            BACKUP_LAST_SUCCESS.labels(backup.schedule).set(backup.succeeded_at.timestamp())
+        if backup.size_bytes is not None:
+            BACKUP_SIZE.labels(backup.schedule).set(backup.size_bytes)
 
 
 def count_decision(status: str, reason: str | None) -> None:

@@ -92,7 +92,8 @@ class Plan:
         return {**asdict(self), "status": self.status.value, "skip_reason": self.skip_reason}
 
 
-def _validation_message(exc: ValidationError) -> str:
+def validation_message(exc: ValidationError) -> str:
+    """A params validation error as one line: ``params.FIELD: message; ...``."""
     parts = []
     for error in exc.errors():
         loc = ".".join(str(part) for part in error["loc"]) or "params"
@@ -204,7 +205,7 @@ def plan_rule(
     except RenderError as exc:
         error = f"render: {exc}"
     except ValidationError as exc:
-        error = f"invalid params: {_validation_message(exc)}"
+        error = f"invalid params: {validation_message(exc)}"
     except ResponderError as exc:
         error = f"refused: {exc}"
     except SoftTimeLimitExceeded:

@@ -465,6 +465,7 @@ def _run_and_record(
         output=telemetry.redact_values({"summary": result.summary, **result.details}),
         run_status="succeeded",
         run_values=_verification(config, run),
+        schedule=run.rule if run.trigger == "schedule" else None,
     )
     if not owned:
         log.warning("attempt_superseded", attempt=number, late_outcome="succeeded")

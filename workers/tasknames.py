@@ -4,6 +4,8 @@ HANDLE_ALERT = "responder.handle_alert"
 RUN_REMEDIATION = "responder.run_remediation"
 RECONCILE = "responder.reconcile"
 DISPATCH = "responder.dispatch"
+# Beat records a config schedule's tick itself (workers.schedules): never sent as a message.
+FIRE_SCHEDULE = "responder.fire_schedule"
 
 QUEUE_ALERTS = "alerts"
 QUEUE_REMEDIATIONS = "remediations"

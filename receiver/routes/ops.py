@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from receiver.deps import SettingsDep
 from workers import metrics, telemetry
 from workers.heartbeat import fresh_workers
-from workers.ledger import repository
+from workers.ledger import repository, schedules
 from workers.ledger.db import connect, reading
 from workers.settings import Settings
 from workers.tasknames import ALL_QUEUES
@@ -115,6 +115,7 @@ def _scrape_ledger(settings: Settings) -> None:
         with reading(settings.database_url) as session:
             counts = repository.breaker_counts(session)
             backlog = repository.backlog_counts(session)
+            backups = schedules.backups(session)
     except SQLAlchemyError as exc:
         log.warning("metrics_ledger_unavailable", error_type=type(exc).__name__)
         return
@@ -125,6 +126,7 @@ def _scrape_ledger(settings: Settings) -> None:
             )
     for kind, count in backlog.items():
         metrics.BACKLOG.labels(kind=kind).set(count)
+    metrics.set_backups(backups)
 
 
 def _scrape_queues(settings: Settings) -> None:

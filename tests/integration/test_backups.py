@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,7 @@ def scratch_url(pg_server: str) -> Iterator[str]:
     admin.dispose()
 
 
-def _run(params: dict[str, object], run_id: str) -> dict[str, object]:
+def _run(params: Mapping[str, object], run_id: str) -> dict[str, object]:
     definition = get_remediation("postgres_backup")
     validated = definition.validate(params)
     definition.preflight(RemediationContext(), validated)
@@ -88,7 +88,7 @@ def test_a_failed_dump_is_transient_and_keeps_earlier_backups(
     params = {"database_url": pg_url, "directory": str(tmp_path), "prefix": "ledger"}
     first = _run(params, "first")
     missing = pg_url.rsplit("/", 1)[0] + "/responder_no_such_database"
-    with pytest.raises(TransientError, match="pg_dump failed: .*responder_no_such_database"):
+    with pytest.raises(TransientError, match=r"pg_dump failed: .*responder_no_such_database"):
         _run({**params, "database_url": missing}, "second")
     left = sorted(p.name for p in tmp_path.iterdir())
     name = Path(str(first["file"])).name

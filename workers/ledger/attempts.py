@@ -15,6 +15,7 @@ from typing import Any, Literal
 from sqlalchemy import Row, bindparam, exists, insert, select, update
 from sqlalchemy.orm import Session
 
+from workers.ledger import schedules
 from workers.ledger.db import db_now
 from workers.ledger.models import ATTEMPTS, EVENTS, RUNS, utcnow
 from workers.ledger.repository import LATEST_PAUSE
@@ -316,8 +317,11 @@ def finish_attempt(
     output: dict[str, Any] | None,
     run_status: Literal["succeeded", "failed", "queued"],
     run_values: dict[str, Any] | None = None,
+    schedule: str | None = None,
 ) -> bool:
     """Close an attempt of ``run_id`` and move the run on (``queued`` means a retry will follow).
+
+    ``schedule``: the run is this schedule's, which records its success with it.
 
     Returns False when the attempt had lost its claim (its lease was given up, or the run was
     cancelled): then only the attempt's own late outcome is recorded and the run is left alone.
@@ -336,4 +340,7 @@ def finish_attempt(
     values: dict[str, Any] = {"error": error if to != RunStatus.SUCCEEDED else None, **(run_values or {})}
     if to == RunStatus.QUEUED:
         values.update(enqueued_at=None, publishes=0)  # set again once the retry is published
-    return transition_run(session, run_id, to, expect=[RunStatus.RUNNING], **values)
+    moved = transition_run(session, run_id, to, expect=[RunStatus.RUNNING], **values)
+    if moved and schedule is not None and to == RunStatus.SUCCEEDED:
+        schedules.note_succeeded(session, schedule, at=now, run_id=run_id)
+    return moved

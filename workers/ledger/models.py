@@ -215,9 +215,30 @@ class BreakerRecord(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ScheduleRecord(Base):
+    """A schedule of the config as beat last installed it, and its last tick (beat writes it;
+    the receiver's metrics read which backups are configured and how stale they may get)."""
+
+    __tablename__ = "schedules"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    remediation: Mapped[str] = mapped_column(String(100))
+    timetable: Mapped[str] = mapped_column(String(200))
+    stale_after_s: Mapped[float] = mapped_column(Float)
+    backup: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When beat first installed it: a backup that never succeeded is stale this long after it.
+    since: Mapped[datetime] = mapped_column(default=utcnow)
+    fired_at: Mapped[datetime | None]
+    last_run_id: Mapped[str | None] = mapped_column(String(36))
+    # Its last succeeded run (the runner notes it as the run's attempt closes).
+    succeeded_at: Mapped[datetime | None]
+    succeeded_run_id: Mapped[str | None] = mapped_column(String(36))
+
+
 # The tables, for Core statements where the ORM costs more than the statement (hot paths).
 EVENTS = cast(Table, AlertEvent.__table__)
 RUNS = cast(Table, Run.__table__)
 ATTEMPTS = cast(Table, Attempt.__table__)
 PAUSES = cast(Table, Pause.__table__)
 BREAKERS = cast(Table, BreakerRecord.__table__)
+SCHEDULES = cast(Table, ScheduleRecord.__table__)
