@@ -132,3 +132,40 @@ def test_a_tick_whose_message_is_lost_still_runs_once(
     assert len({r["idempotency_key"] for r in every}) == len(every)
     assert all(len(r["attempts"]) == 1 for r in every)
     assert len([c for c in stack.target.calls if c.path == "/ping"]) == len(every)
+
+
+def test_runs_of_a_schedule_never_overlap(
+    stack_factory: type[Stack], sqlite_url: str, tmp_path: Path
+) -> None:
+    """A schedule every second whose command takes 3 s: the ticks that come while it runs are
+    skipped (locked), so the command never runs twice at once."""
+    stack = stack_factory(
+        tmp=tmp_path,
+        database_url=sqlite_url,
+        extra_config={
+            "schedules": [
+                {
+                    "name": "slow-job",
+                    "every": "1s",
+                    "remediation": "run_command",
+                    "params": {"command": "slow"},
+                }
+            ]
+        },
+    )
+    stack.start_receiver()
+    stack.start_worker(concurrency=2)
+    stack.start_beat()
+    wait_for(lambda: stack.lines("slow").count("done") >= 2, timeout=60, what="two slow runs")
+    stack.stop("beat")
+
+    def finished() -> list[dict[str, Any]] | None:
+        runs = stack.runs(rule="slow-job", limit="500")
+        return runs if all(r["status"] in ("succeeded", "skipped") for r in runs) else None
+
+    runs = wait_for(finished, timeout=30, what="the last run to end")
+    lines = stack.lines("slow")
+    assert lines == ["start", "done"] * (len(lines) // 2), lines  # one at a time
+    skipped = [r for r in runs if r["status"] == "skipped"]
+    assert skipped and all(r["skip_reason"] == "locked" for r in skipped)
+    assert len([r for r in runs if r["status"] == "succeeded"]) == len(lines) // 2
