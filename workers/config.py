@@ -33,7 +33,7 @@ from remediations import (
 from remediations.base import Duration
 from remediations.commands import is_template
 from workers.matching import Matcher, MatcherError, matches, parse_matcher
-from workers.templating import RenderError, check_syntax
+from workers.templating import RenderError, check_syntax, render_value
 
 
 class ConfigError(ResponderError):
@@ -403,12 +403,13 @@ def _params_problems(config: ResponderConfig, remediation: str, raw: dict[str, A
     if any(isinstance(v, str) and is_template(v) for v in _strings(raw)):
         return []  # needs alert data: checked fully by `config test` and at plan time
     try:
-        params = definition.validate(raw)
+        # ``{secret: NAME}`` stands for a whole param: checked as its reference will be.
+        params = definition.validate(render_value(raw, {}))
         # Arguments of commands take alert data; a placeholder stands in for it here.
         definition.preflight(config.context(render=lambda _: "placeholder"), params)
     except ValidationError as exc:
         return [f"{where}.params.{_location(e['loc'], {})}: {e['msg']}" for e in exc.errors()]
-    except ResponderError as exc:
+    except (ResponderError, RenderError) as exc:
         return [f"{where}.params: {exc}"]
     return []
 

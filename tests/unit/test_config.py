@@ -147,3 +147,26 @@ def test_bad_duration() -> None:
     assert any("commands.echo.timeout" in p for p in problems(raw))
     raw["commands"]["echo"]["timeout"] = "1m30s"
     assert parse_config(yaml.safe_load(yaml.safe_dump(raw))).commands["echo"].timeout == 90.0
+
+
+def test_a_whole_param_secret_passes_the_config_check() -> None:
+    """``{secret: NAME}`` for a whole param is checked as the reference it renders to."""
+    from workers.config import parse_config
+
+    config = parse_config(
+        {
+            "http_allowlist": ["127.0.0.1:*"],
+            "rules": [
+                {
+                    "name": "r",
+                    "match": ['a="b"'],
+                    "remediation": "http_request",
+                    "params": {
+                        "url": "http://127.0.0.1:9/x",
+                        "headers": {"Authorization": {"secret": "TOKEN"}},
+                    },
+                }
+            ],
+        }
+    )
+    assert config.rules[0].params["headers"]["Authorization"] == {"secret": "TOKEN"}
