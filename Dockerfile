@@ -6,6 +6,11 @@ COPY receiver ./receiver
 COPY workers ./workers
 COPY remediations ./remediations
 COPY examples ./examples
-RUN pip install --no-cache-dir -c constraints.txt . && useradd --uid 10001 --no-create-home responder
+COPY deploy/compose ./deploy/compose
+# The PostgreSQL client programs the backups run (pg_dump, pg_restore, psql).
+RUN apt-get update && apt-get install -y --no-install-recommends postgresql-client \
+    && rm -rf /var/lib/apt/lists/*
+RUN pip install --no-cache-dir -c constraints.txt . && useradd --uid 10001 --no-create-home responder \
+    && mkdir -p /var/backups/responder && chown 10001 /var/backups/responder
 USER 10001
 ENTRYPOINT ["responder"]

@@ -67,7 +67,9 @@ def _is_reference(value: str) -> bool:
 class BackupParams(RemediationParams):
     """Where backups go and how many are kept."""
 
-    directory: str = Field(description="Absolute path of the directory that holds the backups.")
+    directory: str = Field(
+        description="Directory that holds the backups (relative: to the worker's working directory)."
+    )
     prefix: str = Field(
         min_length=1,
         max_length=100,
@@ -81,9 +83,8 @@ class BackupParams(RemediationParams):
     @field_validator("directory")
     @classmethod
     def _absolute(cls, value: str) -> str:
-        path = Path(value)
-        if "\x00" in value or not path.is_absolute() or ".." in path.parts:
-            raise ValueError("must be an absolute path without '..'")
+        if not value or "\x00" in value or ".." in Path(value).parts:
+            raise ValueError("must be a path without '..'")
         return value
 
 

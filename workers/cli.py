@@ -213,7 +213,9 @@ def config() -> None:
 def config_check(path: Path) -> None:
     """Validate a config file; problems are listed by rule and field."""
     loaded = _load(path)
-    click.echo(f"{path}: OK ({len(loaded.rules)} rules, {len(loaded.commands)} commands)")
+    click.echo(
+        f"{path}: OK ({len(loaded.rules)} rules, {len(loaded.commands)} commands, {len(loaded.schedules)} schedules)"
+    )
 
 
 def _alerts_of(path: Path) -> list[Alert]:

@@ -63,13 +63,26 @@ def test_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
 
         assert wait_for(posted, timeout=30, what="the receiver").status_code == 202
 
-        def succeeded() -> bool:
+        def succeeded(rule: str) -> bool:
             runs = httpx.get(
-                f"{base}/api/v1/runs", headers={"Authorization": f"Bearer {operator[1]}"}, timeout=5
+                f"{base}/api/v1/runs",
+                params={"rule": rule},
+                headers={"Authorization": f"Bearer {operator[1]}"},
+                timeout=5,
             ).json()["runs"]
             return bool(runs) and runs[0]["status"] == "succeeded"
 
-        wait_for(succeeded, timeout=60, what="the run to succeed")
+        wait_for(lambda: succeeded("probe-command"), timeout=60, what="the run to succeed")
+
+        # The example config's hourly backup of the dev ledger is installed (its first tick is
+        # an hour after it), and measured.
+        def scheduled() -> str | None:
+            scrape = httpx.get(f"{base}/metrics", timeout=5).text
+            installed = 'responder_backup_stale_after_seconds{schedule="ledger-backup"} 7200.0'
+            return scrape if installed in scrape else None
+
+        metrics = wait_for(scheduled, timeout=30, what="the dev ledger's backup schedule")
+        assert 'responder_backup_installed_timestamp_seconds{schedule="ledger-backup"}' in metrics
         assert text().count("ingest token:") == 1
         assert (tmp_path / ".responder" / "dev" / "ledger.db").exists()
         assert (tmp_path / ".responder" / "dev" / "redis" / "redis.log").exists()

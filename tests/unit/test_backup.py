@@ -104,7 +104,8 @@ def test_missing_database_is_permanent(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("directory", "relative/dir"),
+        ("directory", ""),
+        ("directory", "../up"),
         ("directory", "/srv/../etc"),
         ("prefix", "../x"),
         ("prefix", "a b"),

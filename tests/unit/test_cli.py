@@ -23,7 +23,7 @@ def runner() -> CliRunner:
 def test_config_check_ok(runner: CliRunner) -> None:
     """A valid config is reported OK with its counts."""
     result = runner.invoke(main, ["config", "check", "examples/responder.yaml"])
-    assert result.exit_code == 0 and "OK (3 rules, 1 commands)" in result.output
+    assert result.exit_code == 0 and "OK (3 rules, 1 commands, 1 schedules)" in result.output
 
 
 def test_config_check_lists_problems(runner: CliRunner, tmp_path: Path) -> None:

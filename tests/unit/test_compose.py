@@ -63,3 +63,20 @@ def test_alertmanager_config_is_valid() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_runs_a_valid_config_with_a_verified_ledger_backup() -> None:
+    """The config compose points at is in the image and valid, its backup's secret is set, and
+    the backups have a volume and a scratch database to be test-restored into."""
+    from workers.config import load_config
+
+    compose = yaml.safe_load(Path("docker-compose.yml").read_text())
+    env = compose["x-responder"]["environment"]
+    path = Path(env["RESPONDER_CONFIG"].removeprefix("/app/"))
+    assert f"COPY {path.parent} ./{path.parent}" in Path("Dockerfile").read_text()
+    [backup] = load_config(path).schedules
+    assert backup.remediation == "postgres_backup" and "LEDGER_PASSWORD" in backup.params["database_url"]
+    assert "RESPONDER_SECRET_LEDGER_PASSWORD" in env
+    assert "backups:/var/backups/responder" in compose["services"]["worker-remediations"]["volumes"]
+    scratch = backup.params["test_restore_url"].rsplit("/", 1)[1]
+    assert f"CREATE DATABASE {scratch};" in Path("deploy/postgres/initdb/restore-check.sql").read_text()
