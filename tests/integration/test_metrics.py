@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,4 +58,27 @@ def test_worker_metrics_add_up_its_processes(
     )
     assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), (
         checked.stdout + checked.stderr
+    )
+
+
+def test_readyz_follows_the_workers(stack_factory: type[Stack], sqlite_url: str, tmp_path: Path) -> None:
+    """/readyz is 200 while a real worker beats, and 503 naming the check once it has stopped."""
+    stack = stack_factory(
+        tmp=tmp_path, database_url=sqlite_url, overrides={"RESPONDER_HEARTBEAT_INTERVAL_S": "0.5"}
+    )
+    stack.start_receiver()
+    stack.start_worker()
+
+    def ready(code: int) -> dict[str, Any] | None:
+        response = httpx.get(f"{stack.base_url}/readyz", timeout=5)
+        return response.json() if response.status_code == code else None
+
+    body = wait_for(lambda: ready(200), timeout=20, what="/readyz 200 with a worker")
+    assert body["status"] == "ready" and body["checks"]["workers"]["ok"] and body["checks"]["ledger"]["ok"]
+    stack.stop("worker")
+    body = wait_for(lambda: ready(503), timeout=20, what="/readyz 503 without a worker")
+    assert (
+        body["status"] == "not_ready"
+        and not body["checks"]["workers"]["ok"]
+        and body["checks"]["redis"]["ok"]
     )
