@@ -34,6 +34,7 @@ from redis.exceptions import LockError
 from sqlalchemy.exc import SQLAlchemyError
 
 from remediations import ResponderError, get_remediation
+from remediations.backup import BACKUPS
 from workers import telemetry, tracing
 from workers.admission import Admission, RunRequest, admit
 from workers.config import ResponderConfig, Schedule, cached_config, crontab_of
@@ -139,7 +140,7 @@ def installed(config: ResponderConfig) -> list[ledger_schedules.Installed]:
             remediation=schedule.remediation,
             timetable=schedule.timetable,
             stale_after_s=schedule.stale_after,
-            backup=schedule.remediation.endswith("_backup"),
+            backup=schedule.remediation in BACKUPS,
         )
         for schedule in config.schedules
         if schedule.enabled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -20,7 +21,7 @@ from workers.ledger.db import make_engine
 def scratch_url(pg_server: str) -> Iterator[str]:
     """An empty database to test-restore into, dropped afterwards."""
     require(shutil.which("pg_dump") is not None and shutil.which("pg_restore") is not None, "pg_dump")
-    name = "responder_restore_scratch"
+    name = f"responder_restore_{os.getpid()}"
     admin = make_engine(pg_server).execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
