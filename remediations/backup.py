@@ -84,7 +84,7 @@ class BackupParams(RemediationParams):
 
     @field_validator("directory")
     @classmethod
-    def _absolute(cls, value: str) -> str:
+    def _inside(cls, value: str) -> str:
         if not value or "\x00" in value or ".." in Path(value).parts:
             raise ValueError("must be a path without '..'")
         return value
@@ -130,6 +130,13 @@ class _Connection:
 
     @classmethod
     def parse(cls, raw: str) -> _Connection:
+        try:
+            return cls._parse(raw)
+        except ValueError as exc:  # a port that is not a number
+            raise PermanentError(f"not a valid PostgreSQL URL: {exc}") from exc
+
+    @classmethod
+    def _parse(cls, raw: str) -> _Connection:
         parts = urlsplit(raw)
         scheme = parts.scheme.split("+", 1)[0]  # SQLAlchemy's postgresql+psycopg:// too
         if scheme not in ("postgresql", "postgres"):
@@ -138,6 +145,8 @@ class _Connection:
         if not database:
             raise PermanentError("the PostgreSQL URL names no database")
         netloc = parts.hostname or ""
+        if ":" in netloc:  # an IPv6 address
+            netloc = f"[{netloc}]"
         if parts.port is not None:
             netloc = f"{netloc}:{parts.port}"
         if parts.username:

@@ -96,6 +96,14 @@ def test_a_failed_backup_leaves_nothing_and_keeps_the_earlier_ones(tmp_path: Pat
     assert left == [Path(first.details["file"]).name, Path(first.details["file"]).name + ".sha256"]
 
 
+def test_the_password_leaves_the_url_shown() -> None:
+    from remediations.backup import _Connection
+
+    parsed = _Connection.parse("postgresql+psycopg://app:p%40ss@[::1]:5433/main?sslmode=require")
+    assert parsed.url == "postgresql://app@[::1]:5433/main?sslmode=require"
+    assert parsed.password == "p@ss" and parsed.env()["PGPASSWORD"] == "p@ss" and parsed.database == "main"
+
+
 def test_missing_database_is_permanent(tmp_path: Path) -> None:
     with pytest.raises(PermanentError, match="no SQLite database"):
         sqlite_backup(RemediationContext(), _params(tmp_path))
@@ -123,6 +131,8 @@ def test_postgres_urls_are_checked_and_the_scratch_database_is_not_the_source() 
         PostgresBackupParams.model_validate({**base, "database_url": "mysql://db/x"})
     with pytest.raises(ValidationError, match="names no database"):
         PostgresBackupParams.model_validate({**base, "database_url": "postgresql://db:5432"})
+    with pytest.raises(ValidationError, match="not a valid PostgreSQL URL"):
+        PostgresBackupParams.model_validate({**base, "database_url": "postgresql://db:port/x"})
     # A secret reference is looked at only when the backup runs.
     PostgresBackupParams.model_validate({**base, "database_url": "\ue000secret:PG_URL\ue001"})
     definition = get_remediation("postgres_backup")
