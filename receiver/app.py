@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from starlette.concurrency import run_in_threadpool
 
@@ -18,11 +19,16 @@ from workers.settings import Settings, get_settings
 
 
 def create_app(
-    *, settings: Settings | None = None, publisher: Publisher | None = None, warm_up: bool = False
+    *,
+    settings: Settings | None = None,
+    publisher: Publisher | None = None,
+    warm_up: bool = False,
+    instrument: bool | None = None,
 ) -> FastAPI:
     """The receiver application on ``settings`` (default: the environment's) and ``publisher``
     (default: Celery on the settings' broker); ``warm_up``: connect to the ledger and the
-    broker at startup."""
+    broker at startup; ``instrument``: OpenTelemetry's FastAPI instrumentation (default: unless
+    this process records no spans, ``tracing.quiet()``)."""
     settings = settings or get_settings()
     publisher = publisher or deps.publisher_for(settings)
 
@@ -33,13 +39,22 @@ def create_app(
         yield
         intake.stop_all()  # commit and publish what is queued before the process exits
 
-    app = FastAPI(title="alert-responder", version=tracing.version(), lifespan=lifespan)
-    app.add_middleware(RequestContext)
+    instrument = not tracing.quiet() if instrument is None else instrument
     # The request's server span (a W3C traceparent from the caller is its parent); probes and
-    # scrapes are left out, and so are the per-chunk receive/send spans.
-    FastAPIInstrumentor.instrument_app(
-        app, excluded_urls="/healthz,/readyz,/metrics", exclude_spans=["receive", "send"]
+    # scrapes are left out, and so are the per-chunk receive/send spans. When no span is
+    # recorded, the instrumentation's work (attributes, the route looked up again, FastAPI's
+    # own telemetry middlewares and operation spans) is wasted: a quarter of the receiver's
+    # event loop under load (docs/benchmarks.md). RequestContext then makes the request's span
+    # itself, for its ids alone.
+    native: TelemetryConfig | None = (
+        None if instrument else {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
     )
+    app = FastAPI(title="alert-responder", version=tracing.version(), lifespan=lifespan, telemetry=native)
+    app.add_middleware(RequestContext, spans=not instrument)
+    if instrument:
+        FastAPIInstrumentor.instrument_app(
+            app, excluded_urls="/healthz,/readyz,/metrics", exclude_spans=["receive", "send"]
+        )
     app.state.settings = settings
     app.state.publisher = publisher
     errors.install(app)

@@ -7,6 +7,7 @@ task of its own (a context copy) and costs a webhook several times as much.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -30,10 +31,15 @@ class RequestContext:
     log lines and trace carrier (``tracing.CORRELATION_ID``), returns it in the response, and
     logs one ``http_request`` line: method, route template, status, duration, response bytes
     (never a body, a query string or a header), and the fields the route put in
-    ``request.state.log_fields``."""
+    ``request.state.log_fields``.
 
-    def __init__(self, app: ASGIApp) -> None:
+    ``spans``: also make the request's server span (its parent the caller's ``traceparent``),
+    where the FastAPI instrumentation is left out (``tracing.quiet()``: spans are not recorded,
+    and their ids are all that is needed)."""
+
+    def __init__(self, app: ASGIApp, *, spans: bool = False) -> None:
         self.app = app
+        self.spans = spans
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,8 +59,14 @@ class RequestContext:
             await send(message)
 
         token = tracing.CORRELATION_ID.set(correlation_id)
+        spanned = self.spans and scope["path"] not in QUIET
         try:
-            with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
+            with (
+                structlog.contextvars.bound_contextvars(correlation_id=correlation_id),
+                tracing.server_span(scope["headers"], scope["method"])
+                if spanned
+                else contextlib.nullcontext(),
+            ):
                 try:
                     await self.app(scope, receive, sending)
                 finally:

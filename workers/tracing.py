@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib import metadata
@@ -44,6 +44,7 @@ _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 CORRELATION_ID: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
 _configured: str | None = None
+_quiet = False
 _lock = threading.Lock()
 
 tracer = trace.get_tracer("alert-responder")
@@ -71,7 +72,7 @@ def configure_tracing(role: str, *, processors: Sequence[SpanProcessor] = ()) ->
 
     ``processors``: more span processors (tests add an in-memory exporter).
     """
-    global _configured
+    global _configured, _quiet
     with _lock:
         if _configured is not None:
             return
@@ -85,6 +86,7 @@ def configure_tracing(role: str, *, processors: Sequence[SpanProcessor] = ()) ->
         # still has its ids, so logs, messages and the runs API carry the trace as before, at
         # a fraction of the cost of building spans nobody receives.
         quiet = not exporting() and not processors and not os.environ.get("OTEL_TRACES_SAMPLER")
+        _quiet = quiet
         provider = TracerProvider(
             resource=Resource.create(attributes),
             sampler=sampling.ParentBased(sampling.ALWAYS_OFF) if quiet else None,
@@ -97,6 +99,29 @@ def configure_tracing(role: str, *, processors: Sequence[SpanProcessor] = ()) ->
         for processor in processors:
             provider.add_span_processor(processor)
         trace.set_tracer_provider(provider)
+
+
+def quiet() -> bool:
+    """Whether this process's spans are not recorded (``configure_tracing`` found nothing to
+    export them to): only their ids matter, and instrumentation that builds rich spans is
+    better left out (the receiver makes its request span itself, ``receiver.middleware``)."""
+    return _quiet
+
+
+@contextmanager
+def server_span(headers: Iterable[tuple[bytes, bytes]], name: str) -> Iterator[trace.Span]:
+    """A request's server span, whose parent is the caller's W3C ``traceparent`` if it sent one:
+    what the FastAPI instrumentation makes, without its attributes (for a quiet process)."""
+    carrier = {
+        key.decode("latin-1"): value.decode("latin-1")
+        for key, value in headers
+        if key in (b"traceparent", b"tracestate")
+    }
+    parent = propagate.extract(carrier) if carrier else None
+    with tracer.start_as_current_span(
+        name, context=parent, kind=trace.SpanKind.SERVER, record_exception=False
+    ) as span:
+        yield span
 
 
 def shutdown() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ import pytest
 import redis
 import structlog
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from sqlalchemy import select
 
 from receiver.app import create_app
@@ -381,3 +384,29 @@ def test_readyz_names_what_is_down(
             "latency_ms": answer.json()["checks"]["redis"]["latency_ms"],
         }
         assert answer.json()["checks"]["ledger"]["ok"]
+
+
+@pytest.mark.parametrize("instrument", [True, False])
+def test_the_callers_trace_continues_into_the_ledger(
+    settings: Settings, publisher: RecordingPublisher, instrument: bool, spans: InMemorySpanExporter
+) -> None:
+    """With the FastAPI instrumentation, or without it (a process that records no spans makes
+    the request's span itself): the event keeps a context in the caller's trace, whose parent
+    is the request's own span, and the request id."""
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)
+    app = create_app(settings=settings, publisher=publisher, instrument=instrument)
+    with TestClient(app) as client:
+        response = client.post(
+            "/api/v1/alertmanager",
+            content=body(),
+            headers={**INGEST, "traceparent": f"00-{caller_trace}-{caller_span}-01", "X-Request-ID": "am-7"},
+        )
+    assert response.status_code == 202
+    with transaction(settings.database_url) as session:
+        [event] = session.scalars(select(AlertEvent)).all()
+    stored = event.trace_context or {}
+    _, trace_id, parent, _ = stored["traceparent"].split("-")
+    assert trace_id == caller_trace and parent != caller_span
+    assert stored["x_request_id"] == "am-7"
+    [server] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert format(server.context.span_id, "016x") == parent
