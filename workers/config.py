@@ -33,7 +33,7 @@ from remediations import (
 from remediations.base import Duration
 from remediations.commands import is_template
 from workers.matching import Matcher, MatcherError, matches, parse_matcher
-from workers.templating import RenderError, check_syntax, render_value
+from workers.templating import RenderError, check_syntax, render_value, template_context
 
 
 class ConfigError(ResponderError):
@@ -353,8 +353,7 @@ def _static_problems(config: ResponderConfig) -> list[str]:
         if schedule.name in seen:
             problems.append(f"{where}.name: already the name of a rule or schedule")
         seen.add(schedule.name)
-        action = Action(remediation=schedule.remediation, params=schedule.params)
-        problems.extend(_action_problems(config, action, where))
+        problems.extend(_schedule_problems(config, schedule, where))
     for name in sorted(set(config.remediations) - set(registered())):
         problems.append(
             f"remediations.{name}: unknown remediation (known: {', '.join(sorted(registered()))})"
@@ -391,6 +390,19 @@ def _action_problems(config: ResponderConfig, action: Action, where: str) -> lis
     except RenderError as exc:
         return [str(exc)]
     return _params_problems(config, action.remediation, action.params, where)
+
+
+def _schedule_problems(config: ResponderConfig, schedule: Schedule, where: str) -> list[str]:
+    """A schedule has no alert: its params render now (a template over alert data is an
+    error here, not at its first tick) and are checked whole."""
+    if schedule.remediation not in registered():
+        known = ", ".join(sorted(registered()))
+        return [f"{where}.remediation: unknown remediation {schedule.remediation!r} (known: {known})"]
+    try:
+        rendered = render_value(schedule.params, template_context(None), f"{where}.params")
+    except RenderError as exc:
+        return [str(exc)]
+    return _params_problems(config, schedule.remediation, rendered, where)
 
 
 def _params_problems(config: ResponderConfig, remediation: str, raw: dict[str, Any], where: str) -> list[str]:

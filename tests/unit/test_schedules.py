@@ -163,6 +163,12 @@ def test_a_tick_is_recorded_once_and_published(tmp_path: Path, sqlite_url: str) 
         ({"cron": "0 3 * * *"}, "needs stale_after"),
         ({"cron": "0 3 * *", "stale_after": "1d"}, "five fields"),
         ({"every": "1h", "name": "probe"}, "already the name of a rule or schedule"),
+        # No alert here: a template over one fails when the config is loaded, not at a tick.
+        ({"every": "1h", "params": {"url": "http://x/{{ labels.instance }}"}}, "params.url"),
+        (
+            {"every": "1h", "params": {"url": "http://x/", "headers": {"A": {"secret": "bad name"}}}},
+            "bad secret name",
+        ),
     ],
 )
 def test_schedule_problems_are_reported(schedule: dict[str, Any], problem: str) -> None:
