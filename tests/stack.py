@@ -133,6 +133,15 @@ def stack_config(
     return config
 
 
+def _reap(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Wait for a process asked to stop; kill it if it has not within ``timeout``."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Stack:
     """Receiver, worker and beat on a private Redis and the given ledger."""
@@ -283,15 +292,16 @@ class Stack:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(sig)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
 
     def close(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        # Every process asked to stop at once, then each waited for: their shutdowns overlap.
+        procs = [proc for proc in self.procs.values() if proc.poll() is None]
+        self.procs.clear()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            _reap(proc)
         self.redis.stop()
         self.target.close()
 

@@ -178,5 +178,8 @@ def test_partitioned_worker_is_taken_over_once(
         assert stack.lines("long") == ["start", "start", "done"]
     finally:
         namespace.restore()
+        # Before its forwarders close: cut off from Redis, its warm shutdown would wait out the
+        # stop's timeout (15 s of every run).
+        stack.stop("remote")
         redis_fwd.close()
         pg_fwd.close()

@@ -45,7 +45,7 @@ def _post(
 
 
 def test_webhook_span_is_an_ancestor_of_every_attempt_however_delivered(
-    stack_factory: type[Stack], ledger_url: str, tmp_path: Path, collector: Collector
+    collector: Collector, stack_factory: type[Stack], ledger_url: str, tmp_path: Path
 ) -> None:
     """Two webhooks, each with the caller's trace: A's run fails once (503) and is retried;
     B's handle_alert message is lost in Redis and the reconciler sends it again from the ledger.
