@@ -12,6 +12,7 @@ from celery import Celery
 from celery.beat import ScheduleEntry
 from celery.schedules import crontab
 from celery.schedules import schedule as every
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from workers.config import ResponderConfig, parse_config
 from workers.ledger import schedules as ledger_schedules
@@ -128,7 +129,9 @@ def test_a_ticks_request_keeps_secret_references_and_reports_errors(tmp_path: Pa
     )
 
 
-def test_a_tick_is_recorded_once_and_published(tmp_path: Path, sqlite_url: str) -> None:
+def test_a_tick_is_recorded_once_and_published(
+    tmp_path: Path, sqlite_url: str, spans: InMemorySpanExporter
+) -> None:
     settings = Settings(database_url=sqlite_url)
     config = _config(tmp_path)
     publisher = _Recorder(settings)
@@ -138,6 +141,14 @@ def test_a_tick_is_recorded_once_and_published(tmp_path: Path, sqlite_url: str) 
     assert first is not None and again is not None
     assert first.created and not again.created and again.run_id == first.run_id
     assert [m.args for m in publisher.sent] == [(first.run_id,)]
+    # The tick's trace: its run keeps the context of beat's fire_schedule span, as an alert's
+    # run keeps its webhook's, so the attempts are its descendants.
+    [fired, *_] = [s for s in spans.get_finished_spans() if s.name == "fire_schedule"]
+    assert fired.attributes is not None and fired.attributes["run.id"] == first.run_id
+    assert publisher.sent[0].trace_context is not None
+    assert publisher.sent[0].trace_context["traceparent"].split("-")[1] == format(
+        fired.context.trace_id, "032x"
+    )
     with transaction(sqlite_url) as session:
         run = session.get(Run, first.run_id)
         assert run is not None and run.status == "queued" and run.publishes == 1 and run.trigger == "schedule"
