@@ -22,6 +22,7 @@ URL without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import os
@@ -60,6 +61,10 @@ CONNECT_TIMEOUT_S = 10
 TARGET = "{{ params.directory }}/{{ params.prefix }}"
 # The remediations that make backups (their schedules are measured as backups: workers.metrics).
 BACKUPS = frozenset({"postgres_backup", "sqlite_backup"})
+# How each backup remediation is declared: not destructive, acting on its backup set.
+_backup = functools.partial(
+    remediation, timeout=900.0, max_timeout=MAX_BACKUP_TIMEOUT, target=TARGET, destructive=False
+)
 
 
 def _is_reference(value: str) -> bool:
@@ -293,14 +298,7 @@ def _program(name: str) -> str:
     return found
 
 
-@remediation(
-    name="postgres_backup",
-    timeout=900.0,
-    max_timeout=MAX_BACKUP_TIMEOUT,
-    preflight=_postgres_preflight,
-    target=TARGET,
-    destructive=False,
-)
+@_backup(name="postgres_backup", preflight=_postgres_preflight)
 def postgres_backup(ctx: RemediationContext, params: PostgresBackupParams) -> RemediationResult:
     """Dump a PostgreSQL database (custom format, compressed), verify the archive, optionally
     restore it into a scratch database and count its tables, then keep the newest ``keep``."""
@@ -412,14 +410,7 @@ def _test_restore(
     return {"database": scratch.url, "tables": restored}
 
 
-@remediation(
-    name="sqlite_backup",
-    timeout=900.0,
-    max_timeout=MAX_BACKUP_TIMEOUT,
-    preflight=_sqlite_preflight,
-    target=TARGET,
-    destructive=False,
-)
+@_backup(name="sqlite_backup", preflight=_sqlite_preflight)
 def sqlite_backup(ctx: RemediationContext, params: SqliteBackupParams) -> RemediationResult:
     """Copy a live SQLite database with its online backup API, gzip it, verify the copy by
     restoring it (``PRAGMA integrity_check``, tables counted), then keep the newest ``keep``."""

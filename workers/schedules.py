@@ -164,11 +164,12 @@ def fire(
     ) as span:
         request = request_for(schedule, config, due)
         with transaction(settings.database_url) as session:
-            # The first tick after an install also records the schedule (beat may have found
-            # the ledger down when it installed them).
-            ledger_schedules.sync(session, installed(config))
             [admission] = admit(session, [request], published=True)
-            if admission.created:
+            if admission.created and not ledger_schedules.note_fired(
+                session, name, at=due, run_id=admission.run_id
+            ):
+                # Beat found the ledger down when it installed the schedules: record them now.
+                ledger_schedules.sync(session, installed(config))
                 ledger_schedules.note_fired(session, name, at=due, run_id=admission.run_id)
         span.set_attribute("run.id", admission.run_id)
         if admission.created and admission.status == RunStatus.QUEUED:

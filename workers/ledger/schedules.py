@@ -43,9 +43,13 @@ def sync(session: Session, schedules: Sequence[Installed]) -> None:
             session.execute(SCHEDULES.insert().values(name=schedule.name, since=utcnow(), **values))
 
 
-def note_fired(session: Session, name: str, *, at: datetime, run_id: str) -> None:
-    """Record a tick of schedule ``name`` and the run it made."""
-    session.execute(update(SCHEDULES).where(SCHEDULES.c.name == name).values(fired_at=at, last_run_id=run_id))
+def note_fired(session: Session, name: str, *, at: datetime, run_id: str) -> bool:
+    """Record a tick of schedule ``name`` and the run it made; False when the schedule has no
+    row (not recorded yet)."""
+    result = session.execute(
+        update(SCHEDULES).where(SCHEDULES.c.name == name).values(fired_at=at, last_run_id=run_id)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def note_succeeded(session: Session, name: str, *, at: datetime, run_id: str) -> None:
