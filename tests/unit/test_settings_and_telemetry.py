@@ -81,3 +81,16 @@ def test_log_lines_are_json_with_bound_keys_and_no_secrets(capsys: pytest.Captur
     assert stdlib["event"] == "stdlib line" and stdlib["run_id"] == "r1"
     assert stdlib["logger"] == "celery.x" and stdlib["level"] == "warning"
     assert "run_id" not in cleared
+
+
+def test_extra_secret_key_words_apply_to_names_already_seen() -> None:
+    """Key names are remembered once judged (a log line's fields are few): adding key words
+    forgets those verdicts, so a name logged in the clear before is redacted after."""
+    try:
+        assert telemetry.redact({"session_id": "s1"}) == {"session_id": "s1"}
+        telemetry.redact_keys(["session"])
+        assert telemetry.redact({"session_id": "s1"}) == {"session_id": "[REDACTED]"}
+        assert telemetry.redact_values({"Session": "s2"}) == {"Session": "[REDACTED]"}
+    finally:
+        telemetry.redact_keys([])
+    assert telemetry.redact({"session_id": "s1"}) == {"session_id": "s1"}
