@@ -58,8 +58,9 @@ def create_app(
     app.state.settings = settings
     app.state.publisher = publisher
     errors.install(app)
-    app.include_router(ops.router)
+    # The webhook's router first: routes are matched in order, and it takes nearly every request.
     app.include_router(alertmanager.router)
+    app.include_router(ops.router)
     app.include_router(runs.router)
     app.include_router(pause.router)
     app.include_router(breakers.router)

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import structlog
 import structlog.tracebacks
 
-from workers import references, tracing
+from workers import jsoncodec, references, tracing
 
 # Keys whose values are secret wherever they appear (params, headers, log fields); more with
 # RESPONDER_REDACT_KEYS (``redact_keys``).
@@ -227,7 +227,7 @@ def configure_logging(
         _redact_processor,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=jsoncodec.render)
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )

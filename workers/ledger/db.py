@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from workers import telemetry
+from workers import jsoncodec, telemetry
 from workers.ledger.models import utcnow
 
 _log = telemetry.get_logger(__name__)
@@ -90,7 +90,12 @@ def _log_slow_statements(engine: Engine) -> Engine:
 
 def _sqlite_engine(url: str) -> Engine:
     timeout = _lock_timeout_s
-    engine = create_engine(url, connect_args={"timeout": timeout})
+    engine = create_engine(
+        url,
+        connect_args={"timeout": timeout},
+        json_serializer=jsoncodec.dumps,
+        json_deserializer=jsoncodec.loads,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -125,6 +130,8 @@ def make_engine(url: str) -> Engine:
         create_engine(
             url,
             pool_pre_ping=True,
+            json_serializer=jsoncodec.dumps,
+            json_deserializer=jsoncodec.loads,
             connect_args={
                 "connect_timeout": PG_CONNECT_TIMEOUT_S,
                 "options": f"-c lock_timeout={int(_lock_timeout_s * 1000)}",
