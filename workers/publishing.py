@@ -40,9 +40,11 @@ class Message:
 Traces = Mapping[str, "tracing.Carrier | None"]
 
 
-# Events per handle_alert message: the events of a webhook in one message, a large group split
-# so that several worker processes share it.
-EVENTS_PER_MESSAGE = 10
+# Events per handle_alert message: the events of a webhook (or of the webhooks committed
+# together) in one message, a large group split so that several worker processes share it.
+# Each message costs the receiver's publisher about 1.3M instructions (Celery and kombu):
+# at 10 per message that was a sixth of a 3-alert webhook's cost (docs/benchmarks.md).
+EVENTS_PER_MESSAGE = 25
 # Messages per Redis round trip.
 PIPELINE_SIZE = 200
 
