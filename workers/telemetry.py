@@ -151,29 +151,23 @@ _OURS = frozenset(
 )
 
 
-def _redact_values_processor(
+def _redact_processor(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """The last step before rendering (tracebacks included): secret values, wherever they are."""
-    for key, item in event_dict.items():
+    """The last step before rendering (tracebacks included): secret-named fields, and secret
+    values wherever they are. One pass over the fields: a line's redaction was a third of its
+    cost in two (docs/benchmarks.md)."""
+    for key, item in event_dict.items():  # values replaced in place: the keys do not change
+        if secret_key(key):
+            event_dict[key] = REDACTED
+            continue
         if key in _OURS:
             continue
         kind = type(item)
         if kind is str or (kind not in _SCALARS and isinstance(item, str)):  # a str subclass too
             event_dict[key] = redact_text(item)
         elif kind not in _SCALARS and isinstance(item, (Mapping, list, tuple)):
-            event_dict[key] = redact_values(item)
-    return event_dict
-
-
-def _redact_processor(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    for key, item in event_dict.items():  # values replaced in place: the keys do not change
-        if secret_key(key):
-            event_dict[key] = REDACTED
-        elif type(item) not in _SCALARS and isinstance(item, (Mapping, list)):
-            event_dict[key] = redact(item)
+            event_dict[key] = redact_values(redact(item))
     return event_dict
 
 
@@ -224,7 +218,6 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _add_service_and_trace,
         _error_fields,
-        _redact_processor,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer(serializer=jsoncodec.render)
@@ -235,9 +228,7 @@ def configure_logging(
     tracebacks = structlog.processors.ExceptionRenderer(
         structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
     )
-    final: list[Any] = (
-        [tracebacks, _redact_values_processor, renderer] if as_json else [_redact_values_processor, renderer]
-    )
+    final: list[Any] = [tracebacks, _redact_processor, renderer] if as_json else [_redact_processor, renderer]
     structlog.configure(
         processors=[*shared, *final],
         logger_factory=lambda name="", *_: _NamedWriteLogger(stream, name),
