@@ -410,3 +410,12 @@ def test_the_callers_trace_continues_into_the_ledger(
     assert stored["x_request_id"] == "am-7"
     [server] = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert format(server.context.span_id, "016x") == parent
+
+
+def test_the_webhook_keeps_its_place_in_the_openapi_document(client: TestClient) -> None:
+    """The webhook's route skips FastAPI's parameter resolution (``DirectRoute``), not its
+    documentation: its answer and its bearer scheme are still described."""
+    document = client.get("/openapi.json").json()
+    operation = document["paths"]["/api/v1/alertmanager"]["post"]
+    assert "202" in operation["responses"]
+    assert operation["security"] == [{"HTTPBearer": []}]
