@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -36,6 +37,12 @@ def create_app(
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if warm_up:
             await run_in_threadpool(intake.get_intake(settings, publisher).warm_up)
+            # What the process built to start (FastAPI, SQLAlchemy, Celery, OpenTelemetry: most
+            # of its objects, all long-lived) is left out of garbage collection from now on.
+            # Each full collection walked them all: under load a pause of about 20 ms every
+            # third of a second, which was the receiver's p99 (docs/benchmarks.md).
+            gc.collect()
+            gc.freeze()
         yield
         intake.stop_all()  # commit and publish what is queued before the process exits
 
