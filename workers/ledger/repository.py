@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import Integer, and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from workers import jsoncodec
 from workers.alerts import Alert
 from workers.ledger.models import (
     ATTEMPTS,
@@ -23,6 +24,7 @@ from workers.ledger.models import (
     BreakerRecord,
     Pause,
     Run,
+    UTCDateTime,
     utcnow,
 )
 from workers.ledger.states import RunStatus
@@ -101,14 +103,9 @@ def record_notifications(
                     "trace_context": notification.trace_context or None,
                 },
             )
-    # One statement for any number of rows (executemany): compiled once and cached, where a
-    # multi-row VALUES clause is compiled anew for every row count.
-    statement = (
-        _insert(session, EVENTS)
-        .on_conflict_do_nothing(index_elements=["fingerprint", "starts_at", "status"])
-        .returning(EVENTS.c.id)
-    )
-    inserted = set(session.connection().execute(statement, list(fresh.values())).scalars())
+    rows = list(fresh.values())
+    statement = _INSERT_STATEMENTS[session.get_bind().dialect.name]
+    inserted = set(session.connection().execute(statement, _event_rows(rows)).scalars())
     ids = {key: row["id"] for key, row in fresh.items() if row["id"] in inserted}
     missing = [key for key in fresh if key not in ids]
     if missing:
@@ -124,6 +121,79 @@ def record_notifications(
             recorded.append(RecordedEvent(alert=alert, event_id=ids[key], accepted=accepted))
         results.append(recorded)
     return results
+
+
+# The rows as one JSON document, unpacked by the database: one statement text whatever the row
+# count, one parameter to bind. SQLAlchemy's executemany with RETURNING builds a multi-row
+# VALUES statement per batch size and binds every value of every row through its type
+# processors: that was most of the receiver's writer thread, and on PostgreSQL psycopg parsed
+# each statement anew (too long for its cache). One array per column instead cost as much again
+# in psycopg's escaping of each element (docs/benchmarks.md). SQLite needs JSON1 (built in
+# since 3.38, a compile option before) and RETURNING (3.35); "WHERE true" keeps its parser from
+# reading ON CONFLICT as a join's ON.
+_EVENT_COLUMNS = (
+    "id",
+    "fingerprint",
+    "starts_at",
+    "status",
+    "ends_at",
+    "labels",
+    "annotations",
+    "generator_url",
+    "receiver",
+    "group_key",
+    "trace_context",
+)
+_INSERT_EVENTS = {
+    "postgresql": """
+    INSERT INTO alert_events (id, fingerprint, starts_at, status, ends_at, labels, annotations,
+        generator_url, receiver, group_key, trace_context, received_at, enqueued_at, publishes)
+    SELECT id, fingerprint, starts_at, status, ends_at, labels, annotations, generator_url,
+        receiver, group_key, trace_context, :received_at, :enqueued_at, :publishes
+    FROM json_to_recordset(CAST(:rows AS json)) AS rows(id varchar, fingerprint varchar,
+        starts_at varchar, status varchar, ends_at varchar, labels json, annotations json,
+        generator_url text, receiver text, group_key text, trace_context json)
+    ON CONFLICT (fingerprint, starts_at, status) DO NOTHING
+    RETURNING id
+    """,
+    "sqlite": """
+    INSERT INTO alert_events (id, fingerprint, starts_at, status, ends_at, labels, annotations,
+        generator_url, receiver, group_key, trace_context, received_at, enqueued_at, publishes)
+    SELECT json_extract(value, '$.id'), json_extract(value, '$.fingerprint'),
+        json_extract(value, '$.starts_at'), json_extract(value, '$.status'),
+        json_extract(value, '$.ends_at'), json_extract(value, '$.labels'),
+        json_extract(value, '$.annotations'), json_extract(value, '$.generator_url'),
+        json_extract(value, '$.receiver'), json_extract(value, '$.group_key'),
+        json_extract(value, '$.trace_context'), :received_at, :enqueued_at, :publishes
+    FROM json_each(:rows) WHERE true
+    ON CONFLICT (fingerprint, starts_at, status) DO NOTHING
+    RETURNING id
+    """,
+}
+
+
+def _insert_events(dialect: str) -> Any:
+    """The statement recording events on ``dialect``, its scalar parameters typed."""
+    return text(_INSERT_EVENTS[dialect]).bindparams(
+        bindparam("received_at", type_=UTCDateTime()),
+        bindparam("enqueued_at", type_=UTCDateTime()),
+        bindparam("publishes", type_=Integer()),
+    )
+
+
+_INSERT_STATEMENTS = {dialect: _insert_events(dialect) for dialect in _INSERT_EVENTS}
+
+
+def _event_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The parameters of ``_insert_events`` for ``rows`` (their time and publish fields are the
+    same for all)."""
+    first = rows[0]
+    return {
+        "rows": jsoncodec.dumps([{name: row[name] for name in _EVENT_COLUMNS} for row in rows]),
+        "received_at": first["received_at"],
+        "enqueued_at": first["enqueued_at"],
+        "publishes": first["publishes"],
+    }
 
 
 def _existing_event_ids(
