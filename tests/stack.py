@@ -234,6 +234,18 @@ class Stack:
         path = self.tmp / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def log_lines(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log lines of process ``name``, parsed (a line cut off as it is written, and
+        anything not JSON, is left out)."""
+        lines = []
+        for line in self.log(name).splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return lines
+
     def start_receiver(self, env: dict[str, str] | None = None) -> None:
         proc = self.start("receiver", "serve", "--host", "127.0.0.1", "--port", str(self.port), env=env)
 
@@ -337,7 +349,7 @@ class Stack:
 
     def count(self, name: str, event: str) -> int:
         """How many JSON log lines of process ``name`` have ``event``."""
-        return self.log(name).count(f'"event": "{event}"')
+        return sum(line.get("event") == event for line in self.log_lines(name))
 
     def wait_reconcile_passes(
         self, passes: int, timeout: float = 30, worker: str | tuple[str, ...] = "worker"
