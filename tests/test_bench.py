@@ -51,3 +51,24 @@ def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
         assert telemetry[key]["median"] > 0, key
     assert telemetry["otlp_exports"]["median"] > 0  # "on" really exported spans
     assert "== targets" in done.stdout and ("met" in done.stdout)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_receiver_cost_runs(tmp_path: Path) -> None:
+    """``bench/receiver_cost.py`` (not part of the suite: its instruction count needs valgrind)
+    drives the receiver in-process on both ledgers; every webhook it sends must get its 202."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.receiver_cost", "--webhooks", "20", "--connections", "4"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads((ROOT / "bench" / "results" / "receiver_cost.json").read_text())["figures"]
+    assert figures["sqlite_cpu_us"]["median"] > 0 and figures["postgresql_cpu_us"]["median"] > 0
