@@ -127,6 +127,19 @@ def test_accepts_then_reports_duplicates(client: TestClient, publisher: Recordin
     assert publisher.alerts == [a["event_id"] for a in alerts]
 
 
+def test_a_webhook_without_alerts_is_answered_and_records_nothing(
+    client: TestClient, publisher: RecordingPublisher
+) -> None:
+    """An empty ``alerts`` list (Alertmanager never sends one; a client may) is a 202 with
+    nothing in it, not a ledger error."""
+    empty = json.loads(body("group3_firing.json"))
+    empty["alerts"] = []
+    answer = client.post("/api/v1/alertmanager", json=empty, headers=INGEST)
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"alerts": [], "truncated_alerts": 0}
+    assert publisher.alerts == []
+
+
 def test_mixed_group_is_handled_per_alert(client: TestClient) -> None:
     """A partially resolved group records each alert under its own status."""
     client.post("/api/v1/alertmanager", content=body("group3_firing.json"), headers=INGEST)

@@ -104,8 +104,10 @@ def record_notifications(
                 },
             )
     rows = list(fresh.values())
-    statement = _INSERT_STATEMENTS[session.get_bind().dialect.name]
-    inserted = set(session.connection().execute(statement, _event_rows(rows)).scalars())
+    inserted: set[str] = set()
+    if rows:  # a webhook may carry no alert at all
+        statement = _INSERT_STATEMENTS[session.get_bind().dialect.name]
+        inserted.update(session.connection().execute(statement, _event_rows(rows)).scalars())
     ids = {key: row["id"] for key, row in fresh.items() if row["id"] in inserted}
     missing = [key for key in fresh if key not in ids]
     if missing:
