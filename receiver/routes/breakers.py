@@ -20,7 +20,7 @@ from receiver.errors import ApiError
 from workers import telemetry
 from workers.breakers import Breakers
 from workers.ledger import repository
-from workers.ledger.db import transaction
+from workers.ledger.db import reading, transaction
 from workers.ledger.models import BREAKERS, BreakerRecord, utcnow
 
 router = APIRouter(prefix="/api/v1/breakers", tags=["breakers"], dependencies=[RequireOperator])
@@ -73,7 +73,7 @@ def list_breakers(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> BreakerList:
     """Breakers the responder knows (any that counted a failure), filtered by ``state``."""
-    with transaction(settings.database_url) as session:
+    with reading(settings.database_url) as session:
         found = repository.list_breakers(session, state=state, limit=limit)
         return BreakerList(breakers=[BreakerOut.model_validate(b) for b in found])
 
@@ -81,7 +81,7 @@ def list_breakers(
 @router.post("/{key}/reset")
 def reset_breaker(key: str, request: ResetRequest, settings: SettingsDep) -> BreakerOut:
     """Close a breaker now (no failures counted); 404 if there is none, 503 if Redis is down."""
-    with transaction(settings.database_url) as session:
+    with reading(settings.database_url) as session:
         if session.get(BreakerRecord, key) is None:
             raise ApiError(404, "not_found", f"no breaker {key!r}")
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from receiver.deps import RequireOperator, SettingsDep
 from workers import telemetry
 from workers.ledger import repository
-from workers.ledger.db import transaction
+from workers.ledger.db import reading, transaction
 
 router = APIRouter(prefix="/api/v1", tags=["pause"], dependencies=[RequireOperator])
 log = telemetry.get_logger(__name__)
@@ -73,7 +73,7 @@ def _set(settings: SettingsDep, request: PauseRequest, *, paused: bool) -> Pause
 @router.get("/pause")
 def get_pause(settings: SettingsDep, history: Annotated[int, Query(ge=0, le=500)] = 10) -> PauseStatus:
     """Whether the responder is paused, by whom and why, and the latest changes."""
-    with transaction(settings.database_url) as session:
+    with reading(settings.database_url) as session:
         return _status(repository.current_pause(session), repository.pause_history(session, limit=history))
 
 

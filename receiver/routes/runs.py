@@ -12,7 +12,7 @@ from receiver.deps import RequireOperator, SettingsDep
 from receiver.errors import ApiError
 from workers import references, tracing
 from workers.ledger import repository
-from workers.ledger.db import transaction
+from workers.ledger.db import reading
 from workers.ledger.models import Run
 from workers.ledger.states import RunStatus
 from workers.telemetry import redact_values
@@ -136,14 +136,14 @@ def list_runs(
         fingerprint=fingerprint,
         limit=limit,
     )
-    with transaction(settings.database_url) as session:
+    with reading(settings.database_url) as session:
         return RunList(runs=[RunOut.model_validate(run) for run in repository.list_runs(session, filters)])
 
 
 @router.get("/{run_id}")
 def get_run(run_id: str, settings: SettingsDep) -> RunOut:
     """One run and its attempts; 404 when there is none."""
-    with transaction(settings.database_url) as session:
+    with reading(settings.database_url) as session:
         run = session.get(Run, run_id)
         if run is None:
             raise ApiError(404, "not_found", f"no run {run_id!r}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tests.helpers import FIXTURES
 from workers.admission import Admission, RunRequest, admit
@@ -323,3 +324,38 @@ def test_one_keeper_renews_every_lease_and_notices_an_unreachable_ledger(
     with leases.kept(url=unreachable, attempt_id=1, lease_s=1) as lease:
         assert lease.cancelled.wait(5) and "lease expired" in (lease.lost or "")
     assert time.monotonic() - started >= 1  # not before the lease ran out
+
+
+def test_a_read_neither_waits_for_a_writer_nor_holds_one_up(ledger_url: str) -> None:
+    """``reading`` sees the last committed state while a write transaction is open elsewhere,
+    at once; and a writer does not wait for an open read (on SQLite: a deferred BEGIN in WAL
+    mode, never the write lock)."""
+    from workers.ledger.db import reading
+
+    record(ledger_url, payload())
+    writing, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with transaction(ledger_url) as session:
+            group = payload("group3_firing.json").alerts
+            repository.record_events(session, group, receiver="r", group_key="g")
+            writing.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert writing.wait(10)
+        started = time.monotonic()
+        with reading(ledger_url) as session:
+            seen = session.scalar(select(func.count()).select_from(AlertEvent))
+        assert seen == 1  # the open transaction's rows are not visible yet
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+        thread.join(10)
+    with reading(ledger_url) as session:
+        session.scalar(select(func.count()).select_from(AlertEvent))
+        started = time.monotonic()
+        record(ledger_url, payload("single_resolved.json"))  # a write while the read is open
+        assert time.monotonic() - started < 1.0

@@ -37,6 +37,9 @@ _lock_timeout_s = 30.0
 # Statements slower than this are logged (their SQL, never their parameters).
 _slow_statement_s = 0.5
 
+# The execution option that marks a read-only session's connections (``reading``).
+READ_ONLY = "responder_read_only"
+
 _engines: dict[tuple[int, str], Engine] = {}
 _sessionmakers: dict[tuple[int, str], sessionmaker[Session]] = {}
 _writer_locks: dict[tuple[int, str], WriterLock | None] = {}
@@ -110,7 +113,11 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only session (``reading``) begins deferred: in WAL mode a reader neither waits
+        # for the writer nor holds one up. IMMEDIATE would take the write lock for it, behind the
+        # writers' own lock (``WriterLock``), and send them to SQLite's busy handler meanwhile.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     @event.listens_for(engine, "handle_error")
     def _failed(context: Any) -> None:
@@ -247,8 +254,9 @@ def transaction(url: str) -> Iterator[Session]:
 
 @contextmanager
 def reading(url: str) -> Iterator[Session]:
-    """A session for reads only: no writer lock taken, rolled back at the end."""
-    with get_sessionmaker(url)() as session:
+    """A session for reads only: no writer lock taken (on SQLite not even the database's own),
+    rolled back at the end."""
+    with get_sessionmaker(url)(bind=get_engine(url).execution_options(**{READ_ONLY: True})) as session:
         yield session
 
 
