@@ -18,21 +18,27 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.redis
-@pytest.mark.postgres
-def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+def _bench(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script from the repository; it must exit 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE")}
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
-        [sys.executable, "-m", "bench.suite", "--smoke"],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    done = _bench("bench.suite", "--smoke", timeout=600)
     results = json.loads((ROOT / "bench" / "results" / "suite.json").read_text())
     assert set(results) == {"intake", "ledger", "worker", "storm", "telemetry"}
     intake = results["intake"]["figures"]
@@ -58,17 +64,6 @@ def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
 def test_receiver_cost_runs(tmp_path: Path) -> None:
     """``bench/receiver_cost.py`` (not part of the suite: its instruction count needs valgrind)
     drives the receiver in-process on both ledgers; every webhook it sends must get its 202."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COV_CORE")}
-    env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.receiver_cost", "--webhooks", "20", "--connections", "4"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _bench("bench.receiver_cost", "--webhooks", "20", "--connections", "4", timeout=300)
     figures = json.loads((ROOT / "bench" / "results" / "receiver_cost.json").read_text())["figures"]
     assert figures["sqlite_cpu_us"]["median"] > 0 and figures["postgresql_cpu_us"]["median"] > 0

@@ -21,12 +21,13 @@ import orjson
 _OPTIONS = orjson.OPT_NON_STR_KEYS
 
 
-def dumps(value: Any) -> str:
-    """``value`` as JSON text."""
+def dumps(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
+    """``value`` as JSON text; ``default`` makes something of what JSON cannot hold (structlog's
+    ``JSONRenderer`` passes one for a log line)."""
     try:
-        return orjson.dumps(value, option=_OPTIONS).decode()
+        return orjson.dumps(value, default=default, option=_OPTIONS).decode()
     except TypeError:  # orjson.JSONEncodeError is one
-        return json.dumps(value)
+        return json.dumps(value, default=default)
 
 
 def loads(text: str | bytes) -> Any:
@@ -35,12 +36,3 @@ def loads(text: str | bytes) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         return json.loads(text)
-
-
-def render(value: Any, default: Callable[[Any], Any] | None = None, **_: Any) -> str:
-    """``dumps`` for a log line (structlog's ``JSONRenderer`` serializer): ``default`` makes
-    something of what JSON cannot hold."""
-    try:
-        return orjson.dumps(value, default=default, option=_OPTIONS).decode()
-    except TypeError:
-        return json.dumps(value, default=default)

@@ -220,7 +220,7 @@ def configure_logging(
         _error_fields,
     ]
     renderer: Any = (
-        structlog.processors.JSONRenderer(serializer=jsoncodec.render)
+        structlog.processors.JSONRenderer(serializer=jsoncodec.dumps)
         if as_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )

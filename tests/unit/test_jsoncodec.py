@@ -31,7 +31,7 @@ def test_what_orjson_refuses_goes_through_the_standard_library() -> None:
 
 
 def test_a_log_line_renders_what_json_cannot_hold_with_the_default() -> None:
-    line = jsoncodec.render(
+    line = jsoncodec.dumps(
         {"event": "x", "when": datetime(2026, 1, 2, tzinfo=UTC), "c": Color.RED, "o": object()}, default=repr
     )
     parsed = json.loads(line)

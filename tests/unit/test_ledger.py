@@ -17,7 +17,7 @@ from tests.helpers import FIXTURES
 from workers.admission import Admission, RunRequest, admit
 from workers.alerts import WebhookPayload
 from workers.ledger import attempts, repository
-from workers.ledger.db import db_now, get_engine, transaction
+from workers.ledger.db import db_now, get_engine, reading, transaction
 from workers.ledger.models import AlertEvent, Base, Run, utcnow
 from workers.ledger.states import RunStatus
 
@@ -330,8 +330,6 @@ def test_a_read_neither_waits_for_a_writer_nor_holds_one_up(ledger_url: str) -> 
     """``reading`` sees the last committed state while a write transaction is open elsewhere,
     at once; and a writer does not wait for an open read (on SQLite: a deferred BEGIN in WAL
     mode, never the write lock)."""
-    from workers.ledger.db import reading
-
     record(ledger_url, payload())
     writing, release = threading.Event(), threading.Event()
 

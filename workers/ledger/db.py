@@ -41,7 +41,7 @@ _slow_statement_s = 0.5
 READ_ONLY = "responder_read_only"
 
 _engines: dict[tuple[int, str], Engine] = {}
-_sessionmakers: dict[tuple[int, str], sessionmaker[Session]] = {}
+_sessionmakers: dict[tuple[int, str, bool], sessionmaker[Session]] = {}
 _writer_locks: dict[tuple[int, str], WriterLock | None] = {}
 
 
@@ -163,12 +163,14 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
-def get_sessionmaker(url: str) -> sessionmaker[Session]:
-    """This process's session factory for ``url``."""
-    key = (os.getpid(), url)
+def get_sessionmaker(url: str, *, read_only: bool = False) -> sessionmaker[Session]:
+    """This process's session factory for ``url`` (``read_only``: for ``reading``)."""
+    key = (os.getpid(), url, read_only)
     factory = _sessionmakers.get(key)
     if factory is None:
-        factory = _sessionmakers[key] = sessionmaker(get_engine(url), expire_on_commit=False)
+        engine = get_engine(url)
+        bind = engine.execution_options(**{READ_ONLY: True}) if read_only else engine
+        factory = _sessionmakers[key] = sessionmaker(bind, expire_on_commit=False)
     return factory
 
 
@@ -256,7 +258,7 @@ def transaction(url: str) -> Iterator[Session]:
 def reading(url: str) -> Iterator[Session]:
     """A session for reads only: no writer lock taken (on SQLite not even the database's own),
     rolled back at the end."""
-    with get_sessionmaker(url)(bind=get_engine(url).execution_options(**{READ_ONLY: True})) as session:
+    with get_sessionmaker(url, read_only=True)() as session:
         yield session
 
 

@@ -97,17 +97,19 @@ def record_notifications(
                     "generator_url": alert.generator_url,
                     "receiver": notification.receiver,
                     "group_key": notification.group_key,
-                    "received_at": now,
-                    "enqueued_at": now if published else None,
-                    "publishes": 1 if published else 0,
                     "trace_context": notification.trace_context or None,
                 },
             )
-    rows = list(fresh.values())
     inserted: set[str] = set()
-    if rows:  # a webhook may carry no alert at all
+    if fresh:  # a webhook may carry no alert at all
         statement = _INSERT_STATEMENTS[session.get_bind().dialect.name]
-        inserted.update(session.connection().execute(statement, _event_rows(rows)).scalars())
+        batch = {
+            "rows": jsoncodec.dumps(list(fresh.values())),
+            "received_at": now,
+            "enqueued_at": now if published else None,
+            "publishes": 1 if published else 0,
+        }
+        inserted.update(session.connection().execute(statement, batch).scalars())
     ids = {key: row["id"] for key, row in fresh.items() if row["id"] in inserted}
     missing = [key for key in fresh if key not in ids]
     if missing:
@@ -125,27 +127,14 @@ def record_notifications(
     return results
 
 
-# The rows as one JSON document, unpacked by the database: one statement text whatever the row
-# count, one parameter to bind. SQLAlchemy's executemany with RETURNING builds a multi-row
-# VALUES statement per batch size and binds every value of every row through its type
-# processors: that was most of the receiver's writer thread, and on PostgreSQL psycopg parsed
+# A batch's rows as one JSON document (``rows``: an object per event, keyed by column), unpacked
+# by the database, with the fields every row shares as scalars: one statement text whatever the
+# row count. SQLAlchemy's executemany with RETURNING builds a multi-row VALUES statement per
+# batch size and binds every value of every row through its type processors: that was most of the receiver's writer thread, and on PostgreSQL psycopg parsed
 # each statement anew (too long for its cache). One array per column instead cost as much again
 # in psycopg's escaping of each element (docs/benchmarks.md). SQLite needs JSON1 (built in
 # since 3.38, a compile option before) and RETURNING (3.35); "WHERE true" keeps its parser from
 # reading ON CONFLICT as a join's ON.
-_EVENT_COLUMNS = (
-    "id",
-    "fingerprint",
-    "starts_at",
-    "status",
-    "ends_at",
-    "labels",
-    "annotations",
-    "generator_url",
-    "receiver",
-    "group_key",
-    "trace_context",
-)
 _INSERT_EVENTS = {
     "postgresql": """
     INSERT INTO alert_events (id, fingerprint, starts_at, status, ends_at, labels, annotations,
@@ -184,18 +173,6 @@ def _insert_events(dialect: str) -> Any:
 
 
 _INSERT_STATEMENTS = {dialect: _insert_events(dialect) for dialect in _INSERT_EVENTS}
-
-
-def _event_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The parameters of ``_insert_events`` for ``rows`` (their time and publish fields are the
-    same for all)."""
-    first = rows[0]
-    return {
-        "rows": jsoncodec.dumps([{name: row[name] for name in _EVENT_COLUMNS} for row in rows]),
-        "received_at": first["received_at"],
-        "enqueued_at": first["enqueued_at"],
-        "publishes": first["publishes"],
-    }
 
 
 def _existing_event_ids(
