@@ -38,7 +38,7 @@ from workers.config import ResponderConfig
 from workers.guardstate import GuardState, from_ledger
 from workers.ledger import attempts, repository
 from workers.ledger.attempts import ClaimedRun, GateVerdict
-from workers.ledger.db import transaction
+from workers.ledger.db import reading, transaction
 from workers.ledger.models import BREAKERS, utcnow
 from workers.planner import Cause, escalate, event_alert
 from workers.publishing import Publisher, publish_runs
@@ -219,9 +219,27 @@ def execute(
         held.append(_Held(key, verdict == "probe", transition, run.target))
         return None
 
-    # The gate is asked inside the claim's transaction, with the run's row in hand. Asking it
-    # before, outside the SQLite writer lock, cost a read of its own: the drain was 8% slower
-    # (bench.worker, docs/benchmarks.md) than holding the lock for the Redis round trip.
+    # The gate (Redis round trips) is asked before the claim, on a read that takes no lock, so
+    # that the claim's write transaction, SQLite's one writer, is not held across it. The claim
+    # checks the run again: a run that changed meanwhile (paused, finished, taken by another
+    # delivery) is not started, and what the gate granted is given back below. When the claim
+    # reaches the gate unasked (the run changed the other way), it asks it there.
+    asked: dict[str, GateVerdict | None] = {}
+    if guards is not None:
+        with reading(settings.database_url) as session:
+            due = attempts.gate_due(
+                session,
+                run_id=run_id,
+                task_id=task_id,
+                max_attempts=settings.max_attempts,
+                disabled_rules=config.disabled_rules,
+            )
+            if due is not None:
+                asked["verdict"] = gate(session, due)
+
+    def gate_once(session: Session, run: Row[Any]) -> GateVerdict | None:
+        return asked["verdict"] if "verdict" in asked else gate(session, run)
+
     with transaction(settings.database_url) as session:
         claim = attempts.claim_run(
             session,
@@ -231,7 +249,7 @@ def execute(
             max_attempts=settings.max_attempts,
             lease_s=settings.lease_s,
             disabled_rules=config.disabled_rules,
-            gate=gate,
+            gate=gate_once,
         )
     run = claim.run
     if claim.kind == "lock_wait":

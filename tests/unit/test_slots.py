@@ -9,17 +9,18 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from tests.helpers import RecordingPublisher, alert_payload, make_config
+from workers import runner
 from workers.admission import decide
 from workers.alerts import WebhookPayload
 from workers.config import Budget, ResponderConfig
 from workers.dev import EmbeddedRedis
 from workers.guardstate import GuardState, LedgerCopy, Slot, TakenSlot, group_key
-from workers.ledger import repository
+from workers.ledger import attempts, repository
 from workers.ledger.db import transaction
-from workers.ledger.models import Run, utcnow
+from workers.ledger.models import Attempt, Run, utcnow
 from workers.planner import handle_events
 from workers.settings import Settings
 
@@ -264,3 +265,49 @@ def test_without_guard_state_a_destructive_run_is_refused(ledger_url: str) -> No
     """No shared state at all: the destructive remediation is skipped (guard_state_unavailable)."""
     _handle(ledger_url, config(), None, alert_payload("Cooled", instance="h1"))
     assert [(r.status, r.skip_reason) for r in _runs(ledger_url)] == [("skipped", "guard_state_unavailable")]
+
+
+def _queued_run(url: str, state: GuardState) -> str:
+    _handle(url, state.config, state, alert_payload("Cooled", instance="h1"))
+    (run,) = _runs(url)
+    assert run.status == "queued"
+    return run.id
+
+
+@pytest.mark.parametrize("raced", [False, True], ids=["asked before", "asked in the claim"])
+def test_the_gate_is_asked_once_and_the_ledger_stays_writable_meanwhile(
+    ledger_url: str, state: GuardState, monkeypatch: pytest.MonkeyPatch, raced: bool
+) -> None:
+    """The breaker gate (Redis round trips) is asked once per delivery, before the claim's write
+    transaction: while Redis answers, another writer (here one touching the very run) commits
+    at once. When the run changed between the read and the claim so that the read saw no gate
+    due (``raced``), the claim asks it."""
+    run_id = _queued_run(ledger_url, state)
+    asked: list[bool] = []
+    writers: list[threading.Thread] = []
+    real_gate = state.gate
+
+    def slow_gate(*args: Any, **kwargs: Any) -> Any:
+        def touch() -> None:
+            with transaction(ledger_url) as session:
+                session.execute(update(Run).where(Run.id == run_id).values(updated_at=utcnow()))
+
+        writer = threading.Thread(target=touch)
+        writers.append(writer)
+        writer.start()
+        writer.join(timeout=1 if raced else 10)
+        asked.append(not writer.is_alive())
+        return real_gate(*args, **kwargs)
+
+    monkeypatch.setattr(state, "gate", slow_gate)
+    if raced:
+        monkeypatch.setattr(attempts, "gate_due", lambda *_, **__: None)
+    settings = Settings(database_url=ledger_url)
+    execution = runner.execute(
+        run_id=run_id, task_id="t1", settings=settings, config=state.config, guards=state
+    )
+    # The hook does not answer: a failed attempt, to be retried; it ran, having passed the gate.
+    assert execution.outcome == "retry"
+    assert asked == [not raced]
+    with transaction(ledger_url) as session:
+        assert session.scalars(select(Attempt.number).where(Attempt.run_id == run_id)).all() == [1]

@@ -31,21 +31,18 @@ _SET_RUNNING_ATTEMPT = update(ATTEMPTS).where(
     ATTEMPTS.c.id == bindparam("attempt_key"), ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value
 )
 _SET_ATTEMPT = update(ATTEMPTS).where(ATTEMPTS.c.id == bindparam("attempt_key"))
-_RUN_TO_CLAIM = (
-    select(
-        RUNS,
-        exists()
-        .where(
-            EVENTS.c.fingerprint == RUNS.c.fingerprint,
-            EVENTS.c.starts_at == RUNS.c.starts_at,
-            EVENTS.c.status == "resolved",
-        )
-        .label("resolved"),
-        LATEST_PAUSE.scalar_subquery().label("paused"),
+_RUN_AND_GUARDS = select(
+    RUNS,
+    exists()
+    .where(
+        EVENTS.c.fingerprint == RUNS.c.fingerprint,
+        EVENTS.c.starts_at == RUNS.c.starts_at,
+        EVENTS.c.status == "resolved",
     )
-    .where(RUNS.c.id == bindparam("run_key"))
-    .with_for_update(of=RUNS)
-)
+    .label("resolved"),
+    LATEST_PAUSE.scalar_subquery().label("paused"),
+).where(RUNS.c.id == bindparam("run_key"))
+_RUN_TO_CLAIM = _RUN_AND_GUARDS.with_for_update(of=RUNS)
 _ATTEMPTS_OF_RUN = (
     select(ATTEMPTS.c.id, ATTEMPTS.c.number, ATTEMPTS.c.task_id, ATTEMPTS.c.deadline_at)
     .add_columns(ATTEMPTS.c.outcome, ATTEMPTS.c.error)
@@ -191,6 +188,50 @@ class Claim:
     run: ClaimedRun | None = None
 
 
+def _left_behind(attempt: Row[Any], task_id: str, now: datetime) -> bool:
+    """A running attempt this delivery may close as abandoned: its own message's (the worker
+    died and the broker redelivered it), or one whose lease expired."""
+    return bool(attempt.task_id == task_id or attempt.deadline_at <= now)
+
+
+def _refusal(run: Row[Any], disabled_rules: frozenset[str]) -> ClaimKind | None:
+    """The admission guards that can change while a run is queued, in their order."""
+    if run.paused:
+        return "paused"
+    if run.rule is not None and run.rule in disabled_rules:
+        return "disabled"
+    if run.trigger == "alert" and run.fingerprint and run.starts_at and run.resolved:
+        return "resolved"
+    return None
+
+
+def gate_due(
+    session: Session,
+    *,
+    run_id: str,
+    task_id: str,
+    max_attempts: int,
+    disabled_rules: frozenset[str] = frozenset(),
+) -> Row[Any] | None:
+    """The run's row if ``claim_run`` would ask its gate now, else None; reads only.
+
+    The runner asks the gate (Redis) before it claims, with this read, so that the claim's
+    write transaction (SQLite's one writer) is not held across the gate's round trips. The
+    claim checks everything again; when the row has changed meanwhile so that the claim reaches
+    the gate unasked, it asks it there.
+    """
+    connection = session.connection()
+    run = connection.execute(_RUN_AND_GUARDS, {"run_key": run_id}).one_or_none()
+    if run is None or run.status in FINISHED or _refusal(run, disabled_rules) is not None:
+        return None
+    tried = connection.execute(_ATTEMPTS_OF_RUN, {"run_key": run_id}).all()
+    now = db_now(session)
+    running = [a for a in tried if a.outcome == AttemptOutcome.RUNNING]
+    if len(tried) >= max_attempts or any(not _left_behind(a, task_id, now) for a in running):
+        return None
+    return run
+
+
 def claim_run(
     session: Session,
     *,
@@ -226,7 +267,7 @@ def claim_run(
     for attempt in tried:
         if attempt.outcome != AttemptOutcome.RUNNING:
             continue
-        if attempt.task_id == task_id or attempt.deadline_at <= now:
+        if _left_behind(attempt, task_id, now):
             error = (
                 "worker lost during the attempt; message redelivered"
                 if attempt.task_id == task_id
@@ -236,13 +277,7 @@ def claim_run(
                 claim.abandoned.append(attempt.number)
         else:
             return Claim("busy")
-    refused: ClaimKind | None = None
-    if run.paused:
-        refused = "paused"
-    elif run.rule is not None and run.rule in disabled_rules:
-        refused = "disabled"
-    elif run.trigger == "alert" and run.fingerprint and run.starts_at and run.resolved:
-        refused = "resolved"
+    refused = _refusal(run, disabled_rules)
     if refused is None and len(tried) < max_attempts and gate is not None:
         refused = gate(session, run)
         if refused == "lock_wait":
