@@ -219,23 +219,22 @@ def execute(
         held.append(_Held(key, verdict == "probe", transition, run.target))
         return None
 
-    # The gate (Redis round trips) is asked before the claim, on a read that takes no lock, so
-    # that the claim's write transaction, SQLite's one writer, is not held across it. The claim
-    # checks the run again: a run that changed meanwhile (paused, finished, taken by another
-    # delivery) is not started, and what the gate granted is given back below. When the claim
-    # reaches the gate unasked (the run changed the other way), it asks it there.
+    # The run is read first, without a lock, and the gate (Redis round trips) asked on that
+    # read, so that the claim's write transaction (SQLite's one writer) holds neither: it claims
+    # the run as seen with one compare-and-set, or decides again if the run changed meanwhile
+    # (what the gate granted is then given back below). When the claim reaches the gate unasked
+    # (the run changed the other way), it asks it there.
     asked: dict[str, GateVerdict | None] = {}
-    if guards is not None:
-        with reading(settings.database_url) as session:
-            due = attempts.gate_due(
-                session,
-                run_id=run_id,
-                task_id=task_id,
-                max_attempts=settings.max_attempts,
-                disabled_rules=config.disabled_rules,
-            )
-            if due is not None:
-                asked["verdict"] = gate(session, due)
+    with reading(settings.database_url) as session:
+        seen = attempts.look(
+            session,
+            run_id=run_id,
+            task_id=task_id,
+            max_attempts=settings.max_attempts,
+            disabled_rules=config.disabled_rules,
+        )
+        if seen is not None and seen.gate_due and guards is not None:
+            asked["verdict"] = gate(session, seen.run)
 
     def gate_once(session: Session, run: Row[Any]) -> GateVerdict | None:
         return asked["verdict"] if "verdict" in asked else gate(session, run)
@@ -250,6 +249,7 @@ def execute(
             lease_s=settings.lease_s,
             disabled_rules=config.disabled_rules,
             gate=gate_once,
+            seen=seen,
         )
     run = claim.run
     if claim.kind == "lock_wait":

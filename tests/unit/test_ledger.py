@@ -18,7 +18,7 @@ from workers.admission import Admission, RunRequest, admit
 from workers.alerts import WebhookPayload
 from workers.ledger import attempts, repository
 from workers.ledger.db import db_now, get_engine, reading, transaction
-from workers.ledger.models import AlertEvent, Base, Run, utcnow
+from workers.ledger.models import AlertEvent, Attempt, Base, Run, utcnow
 from workers.ledger.states import RunStatus
 
 
@@ -149,7 +149,9 @@ def test_admission_guards_in_order(ledger_url: str) -> None:
         assert run is not None and run.skip_reason == "resolved" and run.finished_at is not None
 
 
-def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> attempts.Claim:
+def claim(
+    url: str, run_id: str, task_id: str, lease_s: float = 60, seen: attempts.Look | None = None
+) -> attempts.Claim:
     with transaction(url) as session:
         return attempts.claim_run(
             session,
@@ -158,7 +160,13 @@ def claim(url: str, run_id: str, task_id: str, lease_s: float = 60) -> attempts.
             worker="w",
             max_attempts=3,
             lease_s=lease_s,
+            seen=seen,
         )
+
+
+def look(url: str, run_id: str, task_id: str) -> attempts.Look | None:
+    with reading(url) as session:
+        return attempts.look(session, run_id=run_id, task_id=task_id, max_attempts=3)
 
 
 def finish(url: str, run_id: str, attempt_id: int | None, outcome: str, run_status: str) -> bool:
@@ -193,6 +201,47 @@ def test_attempt_claims(ledger_url: str) -> None:
         assert run.status == "failed" and "gave up after 3 attempts" in (run.error or "")
         assert [a.outcome for a in run.attempts] == ["abandoned", "failed", "failed"]
     assert claim(ledger_url, run_id, "task-e").kind == "finished"
+
+
+def test_a_run_is_claimed_as_seen_unless_it_changed_since(ledger_url: str) -> None:
+    """The runner looks at a run without a lock and claims it as seen. If, in between, another
+    delivery took an attempt, a pause began or the episode resolved, the claim decides from the
+    run as it is now: the next attempt's number, paused, resolved. Never a second attempt 1."""
+    run_id = _run(ledger_url)
+    seen = look(ledger_url, run_id, "task-a")
+    assert seen is not None and seen.ready and seen.gate_due
+    fresh = claim(ledger_url, run_id, "task-a", seen=seen)
+    assert (fresh.kind, fresh.number) == ("run", 1)
+    assert claim(ledger_url, run_id, "task-a2", seen=seen).kind == "busy"  # the same sight again
+    assert finish(ledger_url, run_id, fresh.attempt_id, "failed", "queued")
+    stale = look(ledger_url, run_id, "task-b")
+    other = claim(ledger_url, run_id, "task-c")  # meanwhile, another delivery: attempt 2
+    assert finish(ledger_url, run_id, other.attempt_id, "failed", "queued")
+    late = claim(ledger_url, run_id, "task-b", seen=stale)
+    assert (late.kind, late.number) == ("run", 3)
+    with transaction(ledger_url) as session:
+        numbers = session.execute(
+            select(Attempt.number, Attempt.task_id).where(Attempt.run_id == run_id).order_by(Attempt.number)
+        ).all()
+    assert [tuple(n) for n in numbers] == [(1, "task-a"), (2, "task-c"), (3, "task-b")]
+
+    paused_run = _run(ledger_url, rule="paused")
+    seen = look(ledger_url, paused_run, "task-p")
+    with transaction(ledger_url) as session:
+        repository.set_pause(session, paused=True, actor="alice", reason="maintenance")
+    assert claim(ledger_url, paused_run, "task-p", seen=seen).kind == "paused"
+    with transaction(ledger_url) as session:
+        repository.set_pause(session, paused=False, actor="alice", reason="done")
+
+    raw = json.loads((FIXTURES / "single_resolved.json").read_bytes())
+    p = WebhookPayload.model_validate(raw)
+    episode = {"fingerprint": p.alerts[0].fingerprint, "starts_at": p.alerts[0].starts_at}
+    resolving = _run(ledger_url, rule="resolving", **episode)
+    seen = look(ledger_url, resolving, "task-r")
+    assert seen is not None and seen.ready
+    with transaction(ledger_url) as session:
+        repository.record_events(session, p.alerts, receiver="r", group_key="g")
+    assert claim(ledger_url, resolving, "task-r", seen=seen).kind == "resolved"
 
 
 def test_late_attempt_does_not_overwrite_its_successor(ledger_url: str) -> None:

@@ -301,7 +301,7 @@ def test_the_gate_is_asked_once_and_the_ledger_stays_writable_meanwhile(
 
     monkeypatch.setattr(state, "gate", slow_gate)
     if raced:
-        monkeypatch.setattr(attempts, "gate_due", lambda *_, **__: None)
+        monkeypatch.setattr(attempts, "look", lambda *_, **__: None)
     settings = Settings(database_url=ledger_url)
     execution = runner.execute(
         run_id=run_id, task_id="t1", settings=settings, config=state.config, guards=state

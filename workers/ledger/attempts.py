@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Row, bindparam, exists, insert, select, update
+from sqlalchemy import Row, and_, bindparam, exists, false, func, insert, not_, select, update
 from sqlalchemy.orm import Session
 
 from workers.ledger import schedules
@@ -31,18 +31,25 @@ _SET_RUNNING_ATTEMPT = update(ATTEMPTS).where(
     ATTEMPTS.c.id == bindparam("attempt_key"), ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value
 )
 _SET_ATTEMPT = update(ATTEMPTS).where(ATTEMPTS.c.id == bindparam("attempt_key"))
+_EPISODE_RESOLVED = exists().where(
+    EVENTS.c.fingerprint == RUNS.c.fingerprint,
+    EVENTS.c.starts_at == RUNS.c.starts_at,
+    EVENTS.c.status == "resolved",
+)
 _RUN_AND_GUARDS = select(
-    RUNS,
-    exists()
-    .where(
-        EVENTS.c.fingerprint == RUNS.c.fingerprint,
-        EVENTS.c.starts_at == RUNS.c.starts_at,
-        EVENTS.c.status == "resolved",
-    )
-    .label("resolved"),
-    LATEST_PAUSE.scalar_subquery().label("paused"),
+    RUNS, _EPISODE_RESOLVED.label("resolved"), LATEST_PAUSE.scalar_subquery().label("paused")
 ).where(RUNS.c.id == bindparam("run_key"))
 _RUN_TO_CLAIM = _RUN_AND_GUARDS.with_for_update(of=RUNS)
+# The claim of a run as ``look`` saw it: still queued, with as many attempts, and neither paused
+# nor resolved since (the ledger's guards of ``_refusal``, judged in the statement itself).
+_CLAIM_AS_SEEN = update(RUNS).where(
+    RUNS.c.id == bindparam("run_key"),
+    RUNS.c.status == RunStatus.QUEUED.value,
+    select(func.count()).select_from(ATTEMPTS).where(ATTEMPTS.c.run_id == RUNS.c.id).scalar_subquery()
+    == bindparam("tried"),
+    func.coalesce(LATEST_PAUSE.scalar_subquery(), false()).is_(false()),
+    not_(and_(RUNS.c.trigger == "alert", _EPISODE_RESOLVED)),
+)
 _ATTEMPTS_OF_RUN = (
     select(ATTEMPTS.c.id, ATTEMPTS.c.number, ATTEMPTS.c.task_id, ATTEMPTS.c.deadline_at)
     .add_columns(ATTEMPTS.c.outcome, ATTEMPTS.c.error)
@@ -205,31 +212,52 @@ def _refusal(run: Row[Any], disabled_rules: frozenset[str]) -> ClaimKind | None:
     return None
 
 
-def gate_due(
+@dataclass(frozen=True)
+class Look:
+    """A run as a read outside any write transaction saw it (``look``)."""
+
+    run: Row[Any]
+    tried: list[Row[Any]]
+    event: Row[Any] | None
+    # Would ``claim_run`` ask its gate (the run is due for an attempt)?
+    gate_due: bool
+    # ...with no attempt to close first: ``claim_run`` may claim it as seen.
+    ready: bool
+
+
+def look(
     session: Session,
     *,
     run_id: str,
     task_id: str,
     max_attempts: int,
     disabled_rules: frozenset[str] = frozenset(),
-) -> Row[Any] | None:
-    """The run's row if ``claim_run`` would ask its gate now, else None; reads only.
+) -> Look | None:
+    """Read a run as its claim would, without a lock; None when it is missing or finished.
 
-    The runner asks the gate (Redis) before it claims, with this read, so that the claim's
-    write transaction (SQLite's one writer) is not held across the gate's round trips. The
-    claim checks everything again; when the row has changed meanwhile so that the claim reaches
-    the gate unasked, it asks it there.
+    The runner looks first, then asks the gate (Redis) and claims: the claim's write transaction
+    (SQLite's one writer) holds neither the gate's round trips nor these reads. The claim then
+    takes the run as seen with one compare-and-set, or, when it changed meanwhile, decides
+    again from what it reads itself.
     """
     connection = session.connection()
     run = connection.execute(_RUN_AND_GUARDS, {"run_key": run_id}).one_or_none()
-    if run is None or run.status in FINISHED or _refusal(run, disabled_rules) is not None:
+    if run is None or run.status in FINISHED:
         return None
     tried = connection.execute(_ATTEMPTS_OF_RUN, {"run_key": run_id}).all()
     now = db_now(session)
     running = [a for a in tried if a.outcome == AttemptOutcome.RUNNING]
-    if len(tried) >= max_attempts or any(not _left_behind(a, task_id, now) for a in running):
-        return None
-    return run
+    due = (
+        _refusal(run, disabled_rules) is None
+        and len(tried) < max_attempts
+        and all(_left_behind(a, task_id, now) for a in running)
+    )
+    event = (
+        connection.execute(_EVENT_OF_RUN, {"event_key": run.event_id}).one_or_none()
+        if due and run.event_id
+        else None
+    )
+    return Look(run, list(tried), event, gate_due=due, ready=due and not running and run.status == "queued")
 
 
 def claim_run(
@@ -242,8 +270,12 @@ def claim_run(
     lease_s: float,
     disabled_rules: frozenset[str] = frozenset(),
     gate: ClaimGate | None = None,
+    seen: Look | None = None,
 ) -> Claim:
     """Open the next attempt of a run, or say why not; one attempt at a time per run.
+
+    ``seen``: the run as ``look`` saw it. If it was ready and its gate lets it go, one
+    compare-and-set claims it as seen; if the run changed meanwhile, the claim decides below.
 
     An open attempt left by this same message (the worker died and the broker redelivered it),
     or one whose lease expired, is closed as ``abandoned``. An open attempt of another message
@@ -255,6 +287,10 @@ def claim_run(
     a compare-and-set (the run's row is also locked on PostgreSQL); the lease is set on the
     ledger's clock.
     """
+    if seen is not None and seen.ready and (gate is None or gate(session, seen.run) is None):
+        claimed = _claim_as_seen(session, seen, task_id=task_id, worker=worker, lease_s=lease_s)
+        if claimed is not None:
+            return claimed
     connection = session.connection()
     now = db_now(session)
     run = connection.execute(_RUN_TO_CLAIM, {"run_key": run_id}).one_or_none()
@@ -305,11 +341,45 @@ def claim_run(
         publishes=0,
     ):
         return Claim("finished")
-    number = len(tried) + 1
-    inserted = connection.execute(
+    event = (
+        connection.execute(_EVENT_OF_RUN, {"event_key": run.event_id}).one_or_none() if run.event_id else None
+    )
+    return _open_attempt(session, run, event, len(tried) + 1, task_id, worker, now, lease_s, claim)
+
+
+def _claim_as_seen(
+    session: Session, seen: Look, *, task_id: str, worker: str, lease_s: float
+) -> Claim | None:
+    """Claim the run as ``look`` saw it; None (nothing written) when it has changed since."""
+    run = seen.run
+    now = db_now(session)
+    values = {"status": RunStatus.RUNNING.value, "started_at": run.started_at or now, "publishes": 0}
+    result = session.connection().execute(
+        _CLAIM_AS_SEEN, {"run_key": run.id, "tried": len(seen.tried), "updated_at": now, **values}
+    )
+    if _rowcount(result) != 1:
+        return None
+    return _open_attempt(
+        session, run, seen.event, len(seen.tried) + 1, task_id, worker, now, lease_s, Claim("run")
+    )
+
+
+def _open_attempt(
+    session: Session,
+    run: Row[Any],
+    event: Row[Any] | None,
+    number: int,
+    task_id: str,
+    worker: str,
+    now: datetime,
+    lease_s: float,
+    claim: Claim,
+) -> Claim:
+    """Insert attempt ``number`` of a run just moved to running, with its lease."""
+    inserted = session.connection().execute(
         _INSERT_ATTEMPT,
         {
-            "run_id": run_id,
+            "run_id": run.id,
             "number": number,
             "task_id": task_id,
             "worker": worker[:200],
@@ -331,11 +401,7 @@ def claim_run(
         target=run.target,
         trigger=run.trigger,
         repeat=run.repeat,
-        event=(
-            connection.execute(_EVENT_OF_RUN, {"event_key": run.event_id}).one_or_none()
-            if run.event_id
-            else None
-        ),
+        event=event,
         trace_context=run.trace_context,
         created_at=run.created_at,
     )
