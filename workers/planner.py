@@ -29,7 +29,7 @@ from workers.alerts import Alert, instant
 from workers.config import ResponderConfig, Rule
 from workers.guardstate import GuardState, group_key, needs_slot
 from workers.ledger import repository
-from workers.ledger.db import is_transient_ledger_error, transaction
+from workers.ledger.db import is_transient_ledger_error, reading, transaction
 from workers.ledger.models import AlertEvent
 from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_runs
@@ -270,16 +270,19 @@ def handle_events(
     config: ResponderConfig,
     publisher: Publisher,
     guards: GuardState | None = None,
+    first_delivery: bool = False,
 ) -> list[str]:
     """Plan the rules matching each event and publish the queued runs; returns the new run ids.
 
     Three steps, so that the ledger's write lock (SQLite has one) is held only for statements,
     never while templates render:
 
-    1. One short transaction counts this start on every event of the message and loads the
-       events: committed on its own, so an event whose handling keeps crashing the task (even
-       by killing the process) is given up after the maximum, with its error, instead of being
-       redelivered forever.
+    1. This start is counted on every event of the message (``_start``): committed on its own
+       before anything else, so an event whose handling keeps crashing the task (even by
+       killing the process) is given up after the maximum, with its error, instead of being
+       redelivered forever. Only the first delivery of the receiver's message
+       (``first_delivery``) reads its events without writing, and its start is counted with
+       its outcome in step 3.
     2. Outside any transaction, each event's matching rules are planned (each in isolation).
     3. One short transaction admits every plan and marks the events handled; queued runs are
        recorded as published and published right after it (a failed publish is undone and left
@@ -287,26 +290,8 @@ def handle_events(
        each event is admitted in a transaction of its own, so one bad event keeps its error
        (and is delivered again) without holding back the others (``EventsFailed``).
     """
-    with transaction(settings.database_url) as session:
-        deliveries = repository.note_event_deliveries(session, event_ids)
-        todo: list[str] = []
-        given_up: dict[str, int] = {}
-        for event_id, delivery in deliveries.items():
-            if delivery.missing:
-                log.warning("event_not_found", event_id=event_id)
-            elif delivery.handled:
-                log.info("event_already_handled", event_id=event_id, deliveries=delivery.deliveries)
-            elif delivery.deliveries > settings.max_deliveries:
-                given_up[event_id] = delivery.deliveries - 1
-            else:
-                todo.append(event_id)
-        for event_id, starts in given_up.items():
-            error = f"gave up after {starts} deliveries that did not finish"
-            repository.give_up_event(session, event_id, error=error)
-            log.error("event_given_up", event_id=event_id, deliveries=starts)
-        events = repository.events_by_ids(session, todo)
-        session.expunge_all()
-    metrics.GIVEN_UP.labels(kind="events").inc(len(given_up))
+    events, counted, given_up = _start(event_ids, settings, first_delivery=first_delivery)
+    metrics.GIVEN_UP.labels(kind="events").inc(given_up)
     failed: dict[str, Exception] = {}
     planned: list[_EventPlan] = []
     # One span per event, in the event's own trace (its webhook's), open until its runs are decided.
@@ -330,14 +315,16 @@ def handle_events(
                 failed[event.id] = exc
         try:
             with transaction(settings.database_url) as session:
-                created = _admit(session, planned, config, guards, spans, traces)
+                created = _admit(session, planned, config, guards, spans, traces, count_start=not counted)
         except Exception as exc:
             if is_transient_ledger_error(exc) or len(planned) < 2:
                 raise  # transient: the whole message is retried; nothing of it was committed
             for one in planned:
                 try:
                     with transaction(settings.database_url) as session:
-                        created.extend(_admit(session, [one], config, guards, spans, traces))
+                        created.extend(
+                            _admit(session, [one], config, guards, spans, traces, count_start=not counted)
+                        )
                 except Exception as single:
                     if is_transient_ledger_error(single):
                         raise
@@ -351,12 +338,62 @@ def handle_events(
         with transaction(settings.database_url) as session:
             for event_id, problem in failed.items():
                 repository.note_event_error(
-                    session, event_id, error=f"{type(problem).__name__}: {problem}"[:2000]
+                    session,
+                    event_id,
+                    error=f"{type(problem).__name__}: {problem}"[:2000],
+                    count_start=not counted,
                 )
     publish_runs(created, settings=settings, publisher=publisher, marked=True, traces=traces)
     if failed:
         raise EventsFailed(f"{len(failed)} of {len(event_ids)} events not planned: {', '.join(failed)}")
     return [run_id for run_id, _ in created]
+
+
+def _start(
+    event_ids: Sequence[str], settings: Settings, *, first_delivery: bool
+) -> tuple[list[AlertEvent], bool, int]:
+    """The events of this delivery still to handle, whether this start is counted on them
+    already, and how many events were given up instead.
+
+    A start is counted in a transaction of its own before the events are planned, except on
+    the first delivery of the message the receiver sent (not redelivered by the broker, not a
+    retry, its events published once and never started): a crash there leaves nothing counted
+    and its message comes back redelivered, which counts. So an event is given up after at
+    most ``RESPONDER_MAX_DELIVERIES`` counted starts and the first, and the usual alert costs
+    one write transaction less.
+    """
+    if first_delivery:
+        with reading(settings.database_url) as session:
+            events = repository.events_by_ids(session, event_ids)
+        if all(e.handled_at is not None or (e.deliveries == 0 and e.publishes <= 1) for e in events):
+            found = {e.id for e in events}
+            for event_id in event_ids:
+                if event_id not in found:
+                    log.warning("event_not_found", event_id=event_id)
+            for event in events:
+                if event.handled_at is not None:
+                    log.info("event_already_handled", event_id=event.id, deliveries=event.deliveries)
+            return [e for e in events if e.handled_at is None], False, 0
+    with transaction(settings.database_url) as session:
+        deliveries = repository.note_event_deliveries(session, event_ids)
+        todo: list[str] = []
+        given_up: dict[str, int] = {}
+        for event_id, delivery in deliveries.items():
+            if delivery.missing:
+                log.warning("event_not_found", event_id=event_id)
+            elif delivery.handled:
+                log.info("event_already_handled", event_id=event_id, deliveries=delivery.deliveries)
+            elif delivery.deliveries > settings.max_deliveries:
+                given_up[event_id] = delivery.deliveries - 1
+            else:
+                todo.append(event_id)
+        for event_id, starts in given_up.items():
+            error = f"gave up after {starts} deliveries that did not finish"
+            repository.give_up_event(session, event_id, error=error)
+            log.error("event_given_up", event_id=event_id, deliveries=starts)
+        events = repository.events_by_ids(session, todo)
+        session.expunge_all()
+    return events, True, len(given_up)
 
 
 @dataclass(frozen=True)
@@ -399,10 +436,13 @@ def _admit(
     guards: GuardState | None,
     spans: dict[str, trace.Span] | None = None,
     traces: dict[str, dict[str, str] | None] | None = None,
+    *,
+    count_start: bool = False,
 ) -> list[tuple[str, float]]:
     """Cancel the pending runs of resolved episodes, admit every plan and mark the events
-    handled; returns (run id, timeout) of the queued runs, and puts their trace contexts in
-    ``traces``. Each decision is an event of its alert's span in ``spans``."""
+    handled (``count_start``: counting this start on them); returns (run id, timeout) of the
+    queued runs, and puts their trace contexts in ``traces``. Each decision is an event of its
+    alert's span in ``spans``."""
     spans = spans or {}
     traces = traces if traces is not None else {}
     resolved = [
@@ -421,7 +461,9 @@ def _admit(
         published=True,
         guards=guards,
     )
-    repository.mark_events_handled(session, {one.event.id: one.matched for one in planned})
+    repository.mark_events_handled(
+        session, {one.event.id: one.matched for one in planned}, count_start=count_start
+    )
     queued: list[tuple[str, float]] = []
     causes: list[Cause] = []
     for (one, plan), admission in zip(requests, admissions, strict=True):

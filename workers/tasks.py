@@ -156,6 +156,11 @@ def _clear_task(**_: Any) -> None:
 @shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)
 def handle_alert(self: Task[Any, Any], *event_ids: str) -> list[str]:
     """Match, render, validate and record runs for the events of one webhook (idempotent)."""
+    # The receiver's message, delivered for the first time (the broker marks what it restores
+    # after a lost worker or a visibility timeout; a retry is a new message of this task).
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    if redelivered:  # its worker was lost (killed, or cut off past the visibility timeout)
+        log.warning("handle_alert_redelivered", events=len(event_ids))
     try:
         settings = get_settings()
         config = _config()
@@ -165,6 +170,7 @@ def handle_alert(self: Task[Any, Any], *event_ids: str) -> list[str]:
             config=config,
             publisher=_publisher(),
             guards=guard_state(settings, config),
+            first_delivery=not redelivered and not self.request.retries,
         )
     except Exception as exc:
         _retry_on_ledger_error(self, exc)

@@ -8,6 +8,8 @@ none twice. Absence is asserted after reconcile passes, never after a fixed slee
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -210,3 +212,34 @@ def test_busy_remediation_workers_do_not_delay_planning(
     planned = stack.wait_run("queued", timeout=5, rule="probe-http")
     assert "done" not in stack.lines("long"), "the slot was free after all"
     assert stack.wait_run("succeeded", timeout=60, rule="probe-http")["id"] == planned["id"]
+
+
+def test_handle_alert_killed_in_its_first_delivery_is_redelivered_and_counted(
+    stack_factory: type[Stack], sqlite_url: str, tmp_path: Path
+) -> None:
+    """The first delivery of the receiver's message writes nothing before it admits (its start is
+    counted with its outcome). Its process killed while it waits to admit, the broker restores
+    the message marked redelivered, whose start is counted before it plans: the event is handled,
+    with one start counted, and the kill is logged."""
+    stack = stack_factory(tmp=tmp_path, database_url=sqlite_url)
+    stack.start_receiver()
+    assert stack.post(alert_payload("NothingMatches", instance="killed-1")).status_code == 202
+    with ledger_locked(sqlite_url, "alert_events"):
+        worker = stack.start_worker()
+        # It planned (no rule matched) and now waits for the ledger to admit: kill its process.
+        wait_for(lambda: stack.count("worker", "no_rule_matched") >= 1, timeout=30, what="planning")
+        children = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+        assert len(children) == 1
+        os.kill(int(children[0]), signal.SIGKILL)
+        wait_for(
+            lambda: stack.count("worker", "handle_alert_redelivered") >= 1, timeout=30, what="redelivery"
+        )
+
+    def handled() -> AlertEvent | None:
+        with transaction(sqlite_url) as session:
+            event = session.scalars(select(AlertEvent)).one()
+            return event if event.handled_at is not None else None
+
+    event = wait_for(handled, timeout=30, what="the event handled")
+    assert (event.deliveries, event.matched_rules, event.error) == (1, 0, None)
+    assert stack.count("worker", "no_rule_matched") == 2

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 from sqlalchemy import select
 
 from tests.helpers import RecordingPublisher, alert_of, alert_payload, make_config
+from workers import planner
 from workers.alerts import WebhookPayload
 from workers.ledger import repository
 from workers.ledger.db import transaction
@@ -228,6 +232,82 @@ def test_poison_event_is_given_up_with_its_error(sqlite_url: str) -> None:
         assert event is not None and event.handled_at is not None
         assert "gave up after 2 deliveries" in (event.error or "")
         assert session.scalars(select(Run)).all() == []
+
+
+def _deliveries(url: str, event_id: str) -> tuple[int, bool]:
+    with transaction(url) as session:
+        event = session.get(AlertEvent, event_id)
+        assert event is not None
+        return event.deliveries, event.handled_at is not None
+
+
+def test_a_first_delivery_counts_its_start_with_its_outcome(sqlite_url: str) -> None:
+    """The receiver's message, delivered for the first time, writes nothing before it plans: its
+    start is counted in the transaction that admits the runs. A redelivery counts first."""
+    settings = Settings(database_url=sqlite_url)
+    publisher = RecordingPublisher(settings)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    with transaction(sqlite_url) as session:
+        repository.mark_enqueued(session, AlertEvent, [event_id])  # as the receiver records it
+    created = handle_events(
+        event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher, first_delivery=True
+    )
+    assert len(created) == 1
+    assert _deliveries(sqlite_url, event_id) == (1, True)
+    again = handle_events(event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher)
+    assert again == [] and _deliveries(sqlite_url, event_id) == (1, True)
+
+
+class _Crash(BaseException):
+    """The process dying in the middle of planning (nothing after it runs)."""
+
+
+def test_a_poison_event_is_given_up_even_when_its_first_start_was_not_counted(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first delivery that dies while planning leaves no count; its redeliveries count before
+    they plan, so the event is given up after RESPONDER_MAX_DELIVERIES counted starts and the
+    first. A message the reconciler re-sent (published twice) is counted before it plans even
+    when the broker delivers it for the first time."""
+    settings = Settings(database_url=sqlite_url, max_deliveries=2)
+    publisher = RecordingPublisher(settings)
+    starts: list[str] = []
+
+    def crash(event: AlertEvent, *_: object) -> None:
+        starts.append(event.id)
+        raise _Crash
+
+    monkeypatch.setattr(planner, "_plan_event", crash)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    with transaction(sqlite_url) as session:
+        repository.mark_enqueued(session, AlertEvent, [event_id])
+    deliveries = [True, False, False, False]  # the first delivery, then the broker's redeliveries
+    for first in deliveries:
+        with contextlib.suppress(_Crash):
+            handle_events(
+                event_ids=[event_id],
+                settings=settings,
+                config=CONFIG,
+                publisher=publisher,
+                first_delivery=first,
+            )
+        if first:
+            assert _deliveries(sqlite_url, event_id) == (0, False)
+    assert len(starts) == 3
+    with transaction(sqlite_url) as session:
+        event = session.get(AlertEvent, event_id)
+        assert event is not None and event.handled_at is not None
+        assert "gave up after 2 deliveries" in (event.error or "")
+
+    resent = _record(sqlite_url, alert_payload("ResponderProbe", instance="resent"))
+    with transaction(sqlite_url) as session:
+        repository.mark_enqueued(session, AlertEvent, [resent])
+        repository.mark_enqueued(session, AlertEvent, [resent])  # the reconciler sent it again
+    with contextlib.suppress(_Crash):
+        handle_events(
+            event_ids=[resent], settings=settings, config=CONFIG, publisher=publisher, first_delivery=True
+        )
+    assert _deliveries(sqlite_url, resent) == (1, False)
 
 
 def test_unhandled_event_is_redelivered_with_backoff(sqlite_url: str) -> None:

@@ -300,15 +300,19 @@ def events_by_ids(session: Session, event_ids: Sequence[str]) -> list[AlertEvent
     return [found[event_id] for event_id in event_ids if event_id in found]
 
 
-def mark_events_handled(session: Session, matched: dict[str, int]) -> None:
-    """Mark events handled with how many rules matched each (those not handled already)."""
+_MARK_HANDLED = update(EVENTS).where(EVENTS.c.id == bindparam("event_id"), EVENTS.c.handled_at.is_(None))
+
+
+def mark_events_handled(session: Session, matched: dict[str, int], *, count_start: bool = False) -> None:
+    """Mark events handled with how many rules matched each (those not handled already);
+    ``count_start``: and count this start of ``handle_alert`` on them (a first delivery's)."""
     if not matched:
         return
-    now = utcnow()
+    values: dict[str, Any] = {"handled_at": utcnow(), "matched_rules": bindparam("matched")}
+    if count_start:
+        values["deliveries"] = EVENTS.c.deliveries + 1
     session.connection().execute(
-        update(EVENTS)
-        .where(EVENTS.c.id == bindparam("event_id"), EVENTS.c.handled_at.is_(None))
-        .values(handled_at=now, matched_rules=bindparam("matched")),
+        _MARK_HANDLED.values(**values),
         [{"event_id": event_id, "matched": count} for event_id, count in matched.items()],
     )
 
@@ -322,9 +326,13 @@ def give_up_event(session: Session, event_id: str, *, error: str) -> None:
     )
 
 
-def note_event_error(session: Session, event_id: str, *, error: str) -> None:
-    """Keep the last error of a failed ``handle_alert`` on its event."""
-    session.execute(update(AlertEvent).where(AlertEvent.id == event_id).values(error=error[:4000]))
+def note_event_error(session: Session, event_id: str, *, error: str, count_start: bool = False) -> None:
+    """Keep the last error of a failed ``handle_alert`` on its event; ``count_start``: and count
+    this start on it (a first delivery's)."""
+    values: dict[str, Any] = {"error": error[:4000]}
+    if count_start:
+        values["deliveries"] = AlertEvent.deliveries + 1
+    session.execute(update(AlertEvent).where(AlertEvent.id == event_id).values(**values))
 
 
 def resolved_episodes(session: Session, episodes: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
