@@ -171,7 +171,7 @@ def admit(
         return []
     now = utcnow()
     current = tracing.current_carrier() or None
-    paused = repository.current_pause(session).paused
+    paused = repository.is_paused(session)
     episodes = {(r.fingerprint or "", r.starts_at or "") for r in requests if r.trigger == "alert"}
     resolved = repository.resolved_episodes(session, episodes) if episodes else set()
     rows: list[dict[str, Any]] = []

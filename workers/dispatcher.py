@@ -55,7 +55,7 @@ def release_due(
     refused = 0
     with transaction(settings.database_url) as session:
         now = db_now(session)
-        paused = repository.current_pause(session).paused
+        paused = repository.is_paused(session)
         due = repository.due_waiting_runs(session, now=now, limit=BATCH)
         traces: dict[str, dict[str, str] | None] = {}
         facts: list[dict[str, Any]] = []

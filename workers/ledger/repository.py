@@ -335,19 +335,19 @@ def note_event_error(session: Session, event_id: str, *, error: str, count_start
     session.execute(update(AlertEvent).where(AlertEvent.id == event_id).values(**values))
 
 
+_RESOLVED_EPISODES = select(EVENTS.c.fingerprint, EVENTS.c.starts_at).where(
+    EVENTS.c.status == "resolved",
+    tuple_(EVENTS.c.fingerprint, EVENTS.c.starts_at).in_(bindparam("episodes", expanding=True)),
+)
+
+
 def resolved_episodes(session: Session, episodes: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
     """Which of these (fingerprint, startsAt) episodes have a resolved event recorded."""
     wanted = list(set(episodes))
     found: set[tuple[str, str]] = set()
+    connection = session.connection()
     for start in range(0, len(wanted), INSERT_CHUNK):
-        rows = session.execute(
-            select(AlertEvent.fingerprint, AlertEvent.starts_at).where(
-                AlertEvent.status == "resolved",
-                tuple_(AlertEvent.fingerprint, AlertEvent.starts_at).in_(
-                    wanted[start : start + INSERT_CHUNK]
-                ),
-            )
-        )
+        rows = connection.execute(_RESOLVED_EPISODES, {"episodes": wanted[start : start + INSERT_CHUNK]})
         found.update((fingerprint, starts_at) for fingerprint, starts_at in rows)
     return found
 
@@ -407,6 +407,12 @@ class PauseState:
 
 # The pause in force is the latest row: one indexed lookup, also used inside the claim.
 LATEST_PAUSE = select(PAUSES.c.paused).order_by(PAUSES.c.id.desc()).limit(1)
+
+
+def is_paused(session: Session) -> bool:
+    """Whether the pause switch is on (the latest pause or resume); one Core statement, for the
+    hot paths that need only that."""
+    return bool(session.connection().execute(LATEST_PAUSE).scalar())
 
 
 def current_pause(session: Session) -> PauseState:
