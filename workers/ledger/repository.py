@@ -292,15 +292,23 @@ def note_event_deliveries(session: Session, event_ids: Sequence[str]) -> dict[st
     return {event_id: found.get(event_id, Delivery(0, handled=False, missing=True)) for event_id in event_ids}
 
 
+_EVENTS_BY_IDS = select(AlertEvent).where(AlertEvent.id.in_(bindparam("ids", expanding=True)))
+
+
 def events_by_ids(session: Session, event_ids: Sequence[str]) -> list[AlertEvent]:
     """The events with these ids, in the order given (missing ones left out)."""
     if not event_ids:
         return []
-    found = {e.id: e for e in session.scalars(select(AlertEvent).where(AlertEvent.id.in_(event_ids)))}
+    found = {e.id: e for e in session.scalars(_EVENTS_BY_IDS, {"ids": list(event_ids)})}
     return [found[event_id] for event_id in event_ids if event_id in found]
 
 
-_MARK_HANDLED = update(EVENTS).where(EVENTS.c.id == bindparam("event_id"), EVENTS.c.handled_at.is_(None))
+_MARK_HANDLED = (
+    update(EVENTS)
+    .where(EVENTS.c.id == bindparam("event_id"), EVENTS.c.handled_at.is_(None))
+    .values(handled_at=bindparam("now"), matched_rules=bindparam("matched"))
+)
+_MARK_HANDLED_COUNTED = _MARK_HANDLED.values(deliveries=EVENTS.c.deliveries + 1)
 
 
 def mark_events_handled(session: Session, matched: dict[str, int], *, count_start: bool = False) -> None:
@@ -308,12 +316,10 @@ def mark_events_handled(session: Session, matched: dict[str, int], *, count_star
     ``count_start``: and count this start of ``handle_alert`` on them (a first delivery's)."""
     if not matched:
         return
-    values: dict[str, Any] = {"handled_at": utcnow(), "matched_rules": bindparam("matched")}
-    if count_start:
-        values["deliveries"] = EVENTS.c.deliveries + 1
+    now = utcnow()
     session.connection().execute(
-        _MARK_HANDLED.values(**values),
-        [{"event_id": event_id, "matched": count} for event_id, count in matched.items()],
+        _MARK_HANDLED_COUNTED if count_start else _MARK_HANDLED,
+        [{"event_id": event_id, "matched": count, "now": now} for event_id, count in matched.items()],
     )
 
 
@@ -496,6 +502,16 @@ def note_episodes_resolved(
     return found
 
 
+_RESOLVED_RUNS_OF_ALERTS = select(
+    RUNS.c.fingerprint, RUNS.c.starts_at, RUNS.c.rule, RUNS.c.resolved_at
+).where(
+    RUNS.c.trigger == "alert",
+    RUNS.c.fingerprint.in_(bindparam("fingerprints", expanding=True)),
+    RUNS.c.resolved_at >= bindparam("since"),
+    RUNS.c.rule.is_not(None),
+)
+
+
 def refired_rules(
     session: Session, episodes: Iterable[tuple[str, str, datetime]], within_s: float
 ) -> list[str]:
@@ -507,12 +523,11 @@ def refired_rules(
         return []
     # One statement for the whole batch (the episode index), filtered here.
     rows = session.connection().execute(
-        select(RUNS.c.fingerprint, RUNS.c.starts_at, RUNS.c.rule, RUNS.c.resolved_at).where(
-            RUNS.c.trigger == "alert",
-            RUNS.c.fingerprint.in_({fingerprint for fingerprint, _, _ in episodes}),
-            RUNS.c.resolved_at >= min(began for _, _, began in episodes) - timedelta(seconds=within_s),
-            RUNS.c.rule.is_not(None),
-        )
+        _RESOLVED_RUNS_OF_ALERTS,
+        {
+            "fingerprints": sorted({fingerprint for fingerprint, _, _ in episodes}),
+            "since": min(began for _, _, began in episodes) - timedelta(seconds=within_s),
+        },
     )
     earlier: dict[str, list[tuple[str, str, datetime]]] = {}
     for fingerprint, starts_at, rule, resolved_at in rows:
