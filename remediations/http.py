@@ -9,6 +9,7 @@ import re
 import ssl
 import time
 from email.utils import parsedate_to_datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Literal
 
 import httpx
@@ -206,6 +207,9 @@ def _client(transport: httpx.BaseTransport | None) -> httpx.Client:
             verify=_tls_context(),
             trust_env=False,  # HTTP(S)_PROXY from the environment must not reroute calls
             follow_redirects=False,  # a redirect could leave the allowlist
+            # The client is shared by every run of this process: a cookie one target sets must
+            # not ride along on a later run's call (each call stands alone, as configured).
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
     return client
 

@@ -243,3 +243,44 @@ def test_retry_after_is_carried_on_the_transient_error() -> None:
     with pytest.raises(TransientError) as caught:
         http_request(ctx(handler), HttpRequestParams(url="http://127.0.0.1:1/"))
     assert caught.value.retry_after == 120.0
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["mock transport", "pooled client"])
+def test_cookies_a_target_sets_are_never_sent_by_a_later_run(pooled: bool) -> None:
+    """Every run's call stands alone: a Set-Cookie from one target is not kept by the client,
+    which is shared by the runs of a worker process."""
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("cookie"))
+        return httpx.Response(200, headers={"set-cookie": "session=secret-from-run-1; Path=/"})
+
+    if pooled:
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                seen.append(self.headers.get("cookie"))
+                self.send_response(200)
+                self.send_header("Set-Cookie", "session=secret-from-run-1; Path=/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        try:
+            for _ in range(2):
+                http_request(ctx(), HttpRequestParams(url=url))
+        finally:
+            server.shutdown()
+            server.server_close()
+    else:
+        context = ctx(handler)
+        for _ in range(2):
+            http_request(context, HttpRequestParams(url="http://127.0.0.1:9/hook"))
+    assert seen == [None, None]
