@@ -267,36 +267,44 @@ def test_without_guard_state_a_destructive_run_is_refused(ledger_url: str) -> No
     assert [(r.status, r.skip_reason) for r in _runs(ledger_url)] == [("skipped", "guard_state_unavailable")]
 
 
-def _queued_run(url: str, state: GuardState) -> str:
-    _handle(url, state.config, state, alert_payload("Cooled", instance="h1"))
-    (run,) = _runs(url)
-    assert run.status == "queued"
-    return run.id
+def _queued_runs(url: str, state: GuardState, *instances: str) -> list[str]:
+    for instance in instances:
+        _handle(url, state.config, state, alert_payload("Cooled", instance=instance))
+    runs = _runs(url)
+    assert [run.status for run in runs] == ["queued"] * len(instances)
+    return [run.id for run in runs]
 
 
-@pytest.mark.parametrize("raced", [False, True], ids=["asked before", "asked in the claim"])
-def test_the_gate_is_asked_once_and_the_ledger_stays_writable_meanwhile(
+@pytest.mark.parametrize("raced", [False, True], ids=["looked at first", "changed since"])
+def test_the_gate_is_asked_once_and_holds_no_ledger_lock(
     ledger_url: str, state: GuardState, monkeypatch: pytest.MonkeyPatch, raced: bool
 ) -> None:
-    """The breaker gate (Redis round trips) is asked once per delivery, before the claim's write
-    transaction: while Redis answers, another writer (here one touching the very run) commits
-    at once. When the run changed between the read and the claim so that the read saw no gate
-    due (``raced``), the claim asks it."""
-    run_id = _queued_run(ledger_url, state)
-    asked: list[bool] = []
+    """The breaker gate (Redis round trips) is asked once per delivery. On SQLite, whose writer
+    is the whole database's, it is asked before the claim's write transaction, on a read: while
+    Redis answers, another writer commits at once, even one touching the very run. When the run
+    changed since that read so that it saw no gate due (``raced``), the claim asks it; so does
+    PostgreSQL's claim always, holding only the run's row: another run's writer commits at once."""
+    run_id, other_id = _queued_runs(ledger_url, state, "h1", "h2")
+    sqlite_first = ledger_url.startswith("sqlite") and not raced
+    # Whether a writer of the other run, then of this run, commits while the gate is asked.
+    expected = [sqlite_first or not ledger_url.startswith("sqlite"), sqlite_first]
+    committed: list[bool] = []
     writers: list[threading.Thread] = []
     real_gate = state.gate
 
-    def slow_gate(*args: Any, **kwargs: Any) -> Any:
+    def write(run: str) -> bool:
         def touch() -> None:
             with transaction(ledger_url) as session:
-                session.execute(update(Run).where(Run.id == run_id).values(updated_at=utcnow()))
+                session.execute(update(Run).where(Run.id == run).values(updated_at=utcnow()))
 
         writer = threading.Thread(target=touch)
         writers.append(writer)
         writer.start()
-        writer.join(timeout=1 if raced else 10)
-        asked.append(not writer.is_alive())
+        writer.join(timeout=10 if expected[run == run_id] else 1)
+        return not writer.is_alive()
+
+    def slow_gate(*args: Any, **kwargs: Any) -> Any:
+        committed.extend([write(other_id), write(run_id)])
         return real_gate(*args, **kwargs)
 
     monkeypatch.setattr(state, "gate", slow_gate)
@@ -306,8 +314,10 @@ def test_the_gate_is_asked_once_and_the_ledger_stays_writable_meanwhile(
     execution = runner.execute(
         run_id=run_id, task_id="t1", settings=settings, config=state.config, guards=state
     )
+    for writer in writers:
+        writer.join()
     # The hook does not answer: a failed attempt, to be retried; it ran, having passed the gate.
     assert execution.outcome == "retry"
-    assert asked == [not raced]
+    assert committed == expected
     with transaction(ledger_url) as session:
         assert session.scalars(select(Attempt.number).where(Attempt.run_id == run_id)).all() == [1]

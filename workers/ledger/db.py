@@ -246,6 +246,12 @@ def writer_lock(url: str) -> WriterLock | None:
     return _writer_locks[key]
 
 
+def single_writer(url: str) -> bool:
+    """Whether the ledger has one writer at a time for the whole database (a SQLite file), so
+    that reads and waits are worth keeping out of write transactions."""
+    return writer_lock(url) is not None
+
+
 @contextmanager
 def transaction(url: str) -> Iterator[Session]:
     """A session in one transaction: committed on success, rolled back on error."""
