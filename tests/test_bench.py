@@ -67,3 +67,14 @@ def test_receiver_cost_runs(tmp_path: Path) -> None:
     _bench("bench.receiver_cost", "--webhooks", "20", "--connections", "4", timeout=300)
     figures = json.loads((ROOT / "bench" / "results" / "receiver_cost.json").read_text())["figures"]
     assert figures["sqlite_cpu_us"]["median"] > 0 and figures["postgresql_cpu_us"]["median"] > 0
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_worker_cost_runs(tmp_path: Path) -> None:
+    """``bench/worker_cost.py`` (not part of the suite) handles and runs its alerts in-process
+    on both ledgers; every run must succeed and reach the target, once."""
+    _bench("bench.worker_cost", "--alerts", "10", timeout=300)
+    figures = json.loads((ROOT / "bench" / "results" / "worker_cost.json").read_text())["figures"]
+    for database in ("sqlite", "postgresql"):
+        assert figures[f"{database}_handle_us"]["median"] > 0 and figures[f"{database}_run_us"]["median"] > 0
