@@ -78,3 +78,13 @@ def test_worker_cost_runs(tmp_path: Path) -> None:
     figures = json.loads((ROOT / "bench" / "results" / "worker_cost.json").read_text())["figures"]
     for database in ("sqlite", "postgresql"):
         assert figures[f"{database}_handle_us"]["median"] > 0 and figures[f"{database}_run_us"]["median"] > 0
+
+
+@pytest.mark.redis
+def test_stages_runs(tmp_path: Path) -> None:
+    """``bench/stages.py`` (not part of the suite) splits each alert's time into its stages from
+    the ledger's timestamps and adds up each process's CPU; every alert must be called."""
+    _bench("bench.stages", "--rate", "20", "--seconds", "1", timeout=300)
+    figures = json.loads((ROOT / "bench" / "results" / "stages.json").read_text())["figures"]
+    assert figures["total_p50"]["median"] >= figures["planned_p50"]["median"] > 0
+    assert figures["cpu_total"]["median"] > figures["cpu_worker_parent"]["median"] > 0
