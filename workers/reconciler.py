@@ -20,7 +20,7 @@ from datetime import timedelta
 
 from workers import metrics, telemetry
 from workers.ledger import attempts, repository
-from workers.ledger.db import db_now, transaction
+from workers.ledger.db import db_now, reading, transaction
 from workers.ledger.states import RunStatus
 from workers.publishing import Publisher, publish_events, publish_runs
 from workers.settings import Settings
@@ -39,15 +39,22 @@ class Reconciled:
 
 
 def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
-    """One pass: abandon expired attempts, give up undeliverable runs, publish what is not done."""
-    with transaction(settings.database_url) as session:
+    """One pass: abandon expired attempts, give up undeliverable runs, publish what is not done.
+
+    What is due is found with reads; a write transaction is taken only for what must change, so
+    a pass with nothing to do never takes the ledger's writer (SQLite has one for all).
+    """
+    with reading(settings.database_url) as session:
         now = db_now(session)
-        stale = attempts.requeue_stale_runs(session, now=now, limit=BATCH)
+        stale_found = attempts.has_stale_attempts(session, now=now)
+    stale: list[str] = []
+    if stale_found:
+        with transaction(settings.database_url) as session:
+            stale = attempts.requeue_stale_runs(session, now=db_now(session), limit=BATCH)
     if stale:
         log.warning("stale_attempts_abandoned", runs=len(stale))
     cutoff = now - timedelta(seconds=settings.reconcile_after_s)
-    given_up = 0
-    with transaction(settings.database_url) as session:
+    with reading(settings.database_url) as session:
         event_ids = repository.events_to_enqueue(
             session,
             received_before=cutoff,
@@ -55,23 +62,28 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
             redeliver_after_s=settings.redeliver_after_s,
             limit=BATCH,
         )
-        runs: list[tuple[str, float]] = []
-        traces: dict[str, dict[str, str] | None] = dict(event_ids)
-        for run in repository.runs_to_enqueue(
+        due = repository.runs_to_enqueue(
             session,
             updated_before=cutoff,
             now=now,
             redeliver_after_s=settings.redeliver_after_s,
             limit=BATCH,
-        ):
-            if run.publishes >= settings.max_deliveries:
+        )
+    runs: list[tuple[str, float]] = []
+    traces: dict[str, dict[str, str] | None] = dict(event_ids)
+    undeliverable = [run for run in due if run.publishes >= settings.max_deliveries]
+    given_up = 0
+    if undeliverable:
+        with transaction(settings.database_url) as session:
+            for run in undeliverable:
                 error = f"never started after {run.publishes} deliveries; giving up"
                 if attempts.transition_run(
                     session, run.id, RunStatus.FAILED, expect=[RunStatus.QUEUED], error=error
                 ):
                     given_up += 1
                     log.error("run_given_up", run_id=run.id, deliveries=run.publishes)
-                continue
+    for run in due:
+        if run.publishes < settings.max_deliveries:
             runs.append((run.id, run.timeout_s))
             traces[run.id] = run.trace_context
     # Each message in its alert's trace, not this pass's (workers.tracing).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 
 import pytest
 from sqlalchemy import select
@@ -10,11 +11,11 @@ from sqlalchemy import select
 from tests.helpers import RecordingPublisher, alert_of, alert_payload, make_config
 from workers import planner
 from workers.alerts import WebhookPayload
-from workers.ledger import repository
+from workers.ledger import db, repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, Run
 from workers.planner import handle_events, plan_rule
-from workers.reconciler import reconcile
+from workers.reconciler import Reconciled, reconcile
 from workers.settings import Settings
 
 CONFIG = make_config()
@@ -333,6 +334,27 @@ def test_unhandled_event_is_redelivered_with_backoff(sqlite_url: str) -> None:
         event.enqueued_at = utcnow() - timedelta(seconds=61)  # second wait is 120 s
     assert reconcile(settings=settings, publisher=publisher).events == 0
     assert publisher.alerts == [event_id]
+
+
+def test_a_reconcile_pass_with_nothing_due_takes_no_write_lock(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler finds what is due with reads: with a handled event and a run just
+    published, a pass completes while another connection holds SQLite's write lock."""
+    monkeypatch.setattr(db, "_lock_timeout_s", 1.0)
+    settings = Settings(database_url=sqlite_url, reconcile_after_s=0)
+    publisher = RecordingPublisher(settings)
+    event_id = _record(sqlite_url, alert_payload("ResponderProbe"))
+    assert (
+        len(handle_events(event_ids=[event_id], settings=settings, config=CONFIG, publisher=publisher)) == 1
+    )
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert reconcile(settings=settings, publisher=publisher) == Reconciled(events=0, runs=0)
+    finally:
+        holder.rollback()
+        holder.close()
 
 
 def test_never_claimed_run_fails_after_max_deliveries(sqlite_url: str) -> None:

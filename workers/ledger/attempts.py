@@ -114,6 +114,16 @@ def abandon_attempt(session: Session, attempt_id: int, run_id: str, *, now: date
     return True
 
 
+def has_stale_attempts(session: Session, *, now: datetime) -> bool:
+    """Whether any running attempt's lease has expired (a read: ``requeue_stale_runs`` acts)."""
+    found = session.connection().execute(
+        select(ATTEMPTS.c.id)
+        .where(ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value, ATTEMPTS.c.deadline_at < now)
+        .limit(1)
+    )
+    return found.first() is not None
+
+
 def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[str]:
     """Abandon attempts whose lease expired and put their runs back in the queue.
 
