@@ -330,6 +330,16 @@ class Bench(contextlib.ExitStack):
         wait_for(lambda: _answers(url + "/count"), timeout=20, what="the OTLP sink")
         return url
 
+    def system(self, database: str = "sqlite") -> System:
+        """The responder's receiver on its own Redis, a fresh ledger and the bench target (whose
+        rule every bench alert matches); start its worker with ``worker(system.env)``."""
+        redis_url = self.redis()
+        ledger = self.ledger(database)
+        target = self.target()
+        env = self.responder_env(redis_url=redis_url, database_url=ledger, target_url=target.url)
+        url, receiver = self.receiver(env)
+        return System(env=env, url=url, receiver=receiver, target=target)
+
     def receiver(self, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
         """``responder serve`` on a free port; returns its base URL once it answers."""
         port = free_port()
@@ -389,6 +399,17 @@ class Bench(contextlib.ExitStack):
             interval=0.05,
         )
         return proc
+
+
+@dataclass(frozen=True)
+class System:
+    """What ``Bench.system`` started: the environment of the responder's processes, the
+    receiver (its base URL and process) and the target."""
+
+    env: dict[str, str]
+    url: str
+    receiver: subprocess.Popen[bytes]
+    target: TargetClient
 
 
 class TargetClient:

@@ -60,12 +60,9 @@ def _pid_of(pattern: str) -> int:
 def measure(report: Report, rate: float, seconds: float, run: str) -> None:
     count = max(1, int(rate * seconds))
     with Bench("stages") as bench:
-        redis_url = bench.redis()
-        ledger = bench.ledger("sqlite")
-        target = bench.target()
-        env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=target.url)
-        url, receiver = bench.receiver(env)
-        worker = bench.worker(env)
+        system = bench.system()
+        url, target = system.url, system.target
+        worker = bench.worker(system.env)
         settle(1.0)
         warm = [json.dumps(webhook([alert(f"w{i}", run=run)])).encode() for i in range(WARM_UP)]
         send_at_rate(url + "/api/v1/alertmanager", warm, rate)
@@ -73,8 +70,10 @@ def measure(report: Report, rate: float, seconds: float, run: str) -> None:
         target.reset()
         processes = {
             "worker parent": worker.pid,
-            "receiver": receiver.pid,
-            "redis": _pid_of(f"redis-server .*:{redis_url.rsplit(':', 1)[1].split('/')[0]}"),
+            "receiver": system.receiver.pid,
+            "redis": _pid_of(
+                f"redis-server .*:{system.env['RESPONDER_REDIS_URL'].rsplit(':', 1)[1].split('/')[0]}"
+            ),
             "target": _pid_of("bench/target.py"),
             "load generator": os.getpid(),
         }
@@ -88,7 +87,7 @@ def measure(report: Report, rate: float, seconds: float, run: str) -> None:
             report.add(f"cpu_{name.replace(' ', '_')}", used, name=f"CPU per alert: {name}", unit="ms")
         calls = {c["path"].rsplit("/", 1)[1]: c["at"] for c in target.calls()}
         sent_at = dict(zip((str(i) for i in range(count)), sorted(sent.sent_at), strict=True))
-        with sqlite3.connect(ledger.removeprefix("sqlite:///")) as db:
+        with sqlite3.connect(system.env["RESPONDER_DATABASE_URL"].removeprefix("sqlite:///")) as db:
             rows = db.execute(
                 "SELECT e.labels, e.received_at, r.created_at, a.started_at FROM alert_events e "
                 "JOIN runs r ON r.event_id = e.id JOIN attempts a ON a.run_id = r.id AND a.number = 1"

@@ -37,11 +37,8 @@ def storm(report: Report, alerts: int, run: str) -> list[str]:
     """One storm; returns what did not hold (empty when all did)."""
     problems: list[str] = []
     with Bench("storm") as bench:
-        redis_url = bench.redis()
-        ledger = bench.ledger("sqlite")
-        target = bench.target()
-        env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=target.url)
-        url, receiver = bench.receiver(env)
+        system = bench.system()
+        env, url, receiver, target = system.env, system.url, system.receiver, system.target
         worker = bench.worker(env)
         bench.spawn("beat", [sys.executable, "-m", "workers.cli", "beat"], env)
         webhooks = max(1, alerts // PER_WEBHOOK)
@@ -65,7 +62,7 @@ def storm(report: Report, alerts: int, run: str) -> list[str]:
         time.sleep(1.0)  # a duplicate call would come after the last expected one
         calls = target.calls()
         per_key = collections.Counter(c["key"] for c in calls)
-        events, runs = _ledger_counts(ledger)
+        events, runs = _ledger_counts(env["RESPONDER_DATABASE_URL"])
         server_errors = sum(n for status, n in sent.statuses.items() if status >= 500) + sent.errors
         lost = total - events
         duplicated = sum(n - 1 for n in per_key.values() if n > 1)

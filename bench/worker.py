@@ -105,12 +105,9 @@ def end_to_end(report: Report, rate: float, seconds: float, run: str) -> None:
         )
 
     with Bench("e2e") as bench:
-        redis_url = bench.redis()
-        ledger = bench.ledger("sqlite")
-        target = bench.target()
-        env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=target.url)
-        url, _ = bench.receiver(env)
-        worker = bench.worker(env)
+        system = bench.system()
+        url, target = system.url, system.target
+        worker = bench.worker(system.env)
         settle(1.0)
         report.add("worker_rest_pss", memory_mib(worker.pid)[1], name="worker PSS at rest", unit="MiB")
         report.add("worker_rest_rss", memory_mib(worker.pid)[0], name="worker RSS at rest", unit="MiB")
@@ -176,11 +173,8 @@ def drain(report: Report, count: int, run: str, database: str, tag: str = "") ->
     """``tag``: a prefix of the report's keys and labels (``bench.telemetry``'s modes)."""
     key = tag + ("drain" if database == "sqlite" else f"drain_{database}")
     with Bench(key) as bench:
-        redis_url = bench.redis()
-        ledger = bench.ledger(database)
-        target = bench.target()
-        env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=target.url)
-        url, _ = bench.receiver(env)
+        system = bench.system(database)
+        url, target = system.url, system.target
         bodies = [
             json.dumps(webhook([alert(f"{w}-{k}", run=run) for k in range(WEBHOOK_ALERTS_IN_DRAIN)])).encode()
             for w in range(max(1, count // WEBHOOK_ALERTS_IN_DRAIN))
@@ -189,7 +183,7 @@ def drain(report: Report, count: int, run: str, database: str, tag: str = "") ->
         if sent.non_2xx:
             raise SystemExit(f"bench: drain: {sent.non_2xx} webhooks not accepted")
         total = len(bodies) * WEBHOOK_ALERTS_IN_DRAIN
-        worker = bench.worker(env)
+        worker = bench.worker(system.env)
         t0 = time.monotonic()
         with peak_memory({"worker": worker.pid}) as peaks:
             wait_for(lambda: target.count() >= total, timeout=1200, what="the backlog to drain", interval=0.1)

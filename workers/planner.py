@@ -367,33 +367,40 @@ def _start(
             events = repository.events_by_ids(session, event_ids)
         if all(e.handled_at is not None or (e.deliveries == 0 and e.publishes <= 1) for e in events):
             found = {e.id for e in events}
-            for event_id in event_ids:
-                if event_id not in found:
-                    log.warning("event_not_found", event_id=event_id)
-            for event in events:
-                if event.handled_at is not None:
-                    log.info("event_already_handled", event_id=event.id, deliveries=event.deliveries)
-            return [e for e in events if e.handled_at is None], False, 0
+            handled = {e.id: e.deliveries for e in events if e.handled_at is not None}
+            _log_skipped([event_id for event_id in event_ids if event_id not in found], handled)
+            return [e for e in events if e.id not in handled], False, 0
     with transaction(settings.database_url) as session:
         deliveries = repository.note_event_deliveries(session, event_ids)
+        _log_skipped(
+            [event_id for event_id, d in deliveries.items() if d.missing],
+            {event_id: d.deliveries for event_id, d in deliveries.items() if d.handled},
+        )
         todo: list[str] = []
-        given_up: dict[str, int] = {}
+        given_up = 0
         for event_id, delivery in deliveries.items():
-            if delivery.missing:
-                log.warning("event_not_found", event_id=event_id)
-            elif delivery.handled:
-                log.info("event_already_handled", event_id=event_id, deliveries=delivery.deliveries)
-            elif delivery.deliveries > settings.max_deliveries:
-                given_up[event_id] = delivery.deliveries - 1
+            if delivery.missing or delivery.handled:
+                continue
+            if delivery.deliveries > settings.max_deliveries:
+                starts = delivery.deliveries - 1
+                error = f"gave up after {starts} deliveries that did not finish"
+                repository.give_up_event(session, event_id, error=error)
+                log.error("event_given_up", event_id=event_id, deliveries=starts)
+                given_up += 1
             else:
                 todo.append(event_id)
-        for event_id, starts in given_up.items():
-            error = f"gave up after {starts} deliveries that did not finish"
-            repository.give_up_event(session, event_id, error=error)
-            log.error("event_given_up", event_id=event_id, deliveries=starts)
         events = repository.events_by_ids(session, todo)
         session.expunge_all()
-    return events, True, len(given_up)
+    return events, True, given_up
+
+
+def _log_skipped(missing: Sequence[str], handled: dict[str, int]) -> None:
+    """Log the events of a delivery that are not planned: missing, or handled already (with
+    their deliveries)."""
+    for event_id in missing:
+        log.warning("event_not_found", event_id=event_id)
+    for event_id, deliveries in handled.items():
+        log.info("event_already_handled", event_id=event_id, deliveries=deliveries)
 
 
 @dataclass(frozen=True)

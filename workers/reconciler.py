@@ -69,9 +69,15 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
             redeliver_after_s=settings.redeliver_after_s,
             limit=BATCH,
         )
-    runs: list[tuple[str, float]] = []
     traces: dict[str, dict[str, str] | None] = dict(event_ids)
-    undeliverable = [run for run in due if run.publishes >= settings.max_deliveries]
+    runs: list[tuple[str, float]] = []
+    undeliverable = []
+    for run in due:
+        if run.publishes >= settings.max_deliveries:
+            undeliverable.append(run)
+        else:
+            runs.append((run.id, run.timeout_s))
+            traces[run.id] = run.trace_context
     given_up = 0
     if undeliverable:
         with transaction(settings.database_url) as session:
@@ -82,10 +88,6 @@ def reconcile(*, settings: Settings, publisher: Publisher) -> Reconciled:
                 ):
                     given_up += 1
                     log.error("run_given_up", run_id=run.id, deliveries=run.publishes)
-    for run in due:
-        if run.publishes < settings.max_deliveries:
-            runs.append((run.id, run.timeout_s))
-            traces[run.id] = run.trace_context
     # Each message in its alert's trace, not this pass's (workers.tracing).
     events = publish_events(list(event_ids), settings=settings, publisher=publisher, traces=traces)
     run_count = publish_runs(runs, settings=settings, publisher=publisher, traces=traces) if runs else 0

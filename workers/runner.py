@@ -226,7 +226,7 @@ def execute(
     # reaches the gate unasked (the run changed the other way), it asks it there. PostgreSQL
     # locks only the run's row: the claim reads and asks in its own transaction, one round trip
     # set less (the drain was 10-20% slower with the read first, docs/benchmarks.md).
-    asked: dict[str, GateVerdict | None] = {}
+    asked: list[GateVerdict | None] = []  # the gate's verdict, when asked on the look
     seen: attempts.Look | None = None
     if single_writer(settings.database_url):
         with reading(settings.database_url) as session:
@@ -238,10 +238,10 @@ def execute(
                 disabled_rules=config.disabled_rules,
             )
             if seen is not None and seen.gate_due and guards is not None:
-                asked["verdict"] = gate(session, seen.run)
+                asked.append(gate(session, seen.run))
 
     def gate_once(session: Session, run: Row[Any]) -> GateVerdict | None:
-        return asked["verdict"] if "verdict" in asked else gate(session, run)
+        return asked[0] if asked else gate(session, run)
 
     with transaction(settings.database_url) as session:
         claim = attempts.claim_run(
