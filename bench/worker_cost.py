@@ -7,7 +7,10 @@ and quiet tracing, it calls what the two tasks call (``planner.handle_events`` f
 delivery of a one-event message, then ``runner.execute`` for each run it queued: look, breaker
 gate, claim, the ``http_request`` call, close), without Celery. Printed: CPU time per call,
 every thread of the process together (Redis and the target run in processes of their own).
-Celery's own cost per task (the pool's parent and the child's trace) comes on top.
+Celery's own cost per task (the pool's parent and the child's trace) comes on top. Also
+printed: the wall time of a fresh process's first ``handle_alert`` and first run, after what a
+pool process does before its first task (``workers.tasks.warm_up_process``): what the first
+alert each pool process takes pays beyond the rest.
 
     .venv/bin/python -m bench.worker_cost [--alerts 1000] [--databases sqlite,postgresql] [--runs 1]
 """
@@ -34,12 +37,13 @@ def _measure(alerts: int, log_path: Path) -> dict[str, float]:
     from workers.alerts import WebhookPayload
     from workers.celery_app import create_celery_app
     from workers.config import cached_config
-    from workers.guardstate import guard_state
+    from workers.guardstate import from_ledger, guard_state
     from workers.ledger import repository
-    from workers.ledger.db import transaction
+    from workers.ledger.db import reading, transaction
     from workers.ledger.models import AlertEvent
     from workers.publishing import Publisher
     from workers.settings import get_settings
+    from workers.tasks import warm_up_process
 
     settings = get_settings()
     telemetry.configure_logging(fmt="json", level="INFO", secret_keys=settings.redact_keys)
@@ -72,19 +76,35 @@ def _measure(alerts: int, log_path: Path) -> dict[str, float]:
         if done.outcome != "succeeded":
             raise SystemExit(f"bench: worker_cost: run {run_id} {done.outcome}: {done.error}")
 
-    runs = [run_id for event_id in event_ids[:WARM_UP] for run_id in handle(event_id)]
+    # A fresh worker process: what a pool process does before its first task, then its first
+    # alert timed (the guard state's rebuild, once per Redis and not per process, done first).
+    with reading(settings.database_url) as session:
+        guards.rebuild(from_ledger(session))
+    warm_up_process()
+    started = time.perf_counter()
+    runs = handle(event_ids[0])
+    first_handle = time.perf_counter() - started
+    started = time.perf_counter()
+    run(runs[0])
+    first_run = time.perf_counter() - started
+    runs = [run_id for event_id in event_ids[1:WARM_UP] for run_id in handle(event_id)]
     started = time.process_time()
     runs += [run_id for event_id in event_ids[WARM_UP:] for run_id in handle(event_id)]
     handled = time.process_time() - started
-    if len(runs) != len(event_ids):
+    if len(runs) != len(event_ids) - 1:
         raise SystemExit(f"bench: worker_cost: {len(runs)} runs for {len(event_ids)} alerts")
-    for run_id in runs[:WARM_UP]:
+    for run_id in runs[: WARM_UP - 1]:
         run(run_id)
     started = time.process_time()
-    for run_id in runs[WARM_UP:]:
+    for run_id in runs[WARM_UP - 1 :]:
         run(run_id)
     ran = time.process_time() - started
-    return {"handle_us": handled / alerts * 1e6, "run_us": ran / alerts * 1e6}
+    return {
+        "handle_us": handled / alerts * 1e6,
+        "run_us": ran / alerts * 1e6,
+        "first_handle_ms": first_handle * 1000,
+        "first_run_ms": first_run * 1000,
+    }
 
 
 def _child(bench: Bench, database: str, args: argparse.Namespace) -> dict[str, float]:
@@ -135,6 +155,13 @@ def main(argv: list[str] | None = None) -> Report:
                 unit="us",
             )
             report.add(f"{database}_run_us", figures["run_us"], name=f"CPU per run ({database})", unit="us")
+            for step in ("handle", "run"):
+                report.add(
+                    f"{database}_first_{step}_ms",
+                    figures[f"first_{step}_ms"],
+                    name=f"first {'handle_alert' if step == 'handle' else 'run'} of a fresh process ({database})",
+                    unit="ms",
+                )
     report.print()
     report.write()
     return report

@@ -14,7 +14,7 @@ from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, Run
 from workers.settings import Settings
-from workers.tasknames import HANDLE_ALERT, RUN_REMEDIATION
+from workers.tasknames import HANDLE_ALERT, QUEUE_ALERTS, QUEUE_REMEDIATIONS, RUN_REMEDIATION
 
 log = telemetry.get_logger(__name__)
 
@@ -72,11 +72,20 @@ class Publisher:
         )
 
     def warm_up(self) -> None:
-        """Connect to the broker now. The first connection costs over 100 ms (kombu sets up its
-        transport), which the first alert after a start should not wait for. Raises if the
-        broker cannot be reached; publishing later connects again as usual."""
+        """Pay now what the first publish of a process would: the broker connection (kombu sets
+        up its transport: over 100 ms), Celery's result backend object and message sender
+        (``send_task`` builds both even with results ignored; the backend's lookup scans the
+        installed packages' entry points: about 10 ms together)
+        and the declaration of the queues it publishes to (a Redis round trip each, once per
+        connection). The first alert after a start should not wait for them
+        (``docs/benchmarks.md``). Raises if the broker cannot be reached; publishing later
+        connects again as usual."""
+        self.app.backend  # noqa: B018 - built on first access, cached for the thread
+        self.app.amqp.send_task_message  # noqa: B018 - the same (with its event dispatcher)
         with self.app.producer_or_acquire() as producer:
             producer.connection.ensure_connection(max_retries=1)
+            for name in (QUEUE_ALERTS, QUEUE_REMEDIATIONS):
+                producer.maybe_declare(self.app.amqp.queues[name])
 
     def publish(self, messages: Sequence[Message]) -> None:
         """Send the messages, pipelined (kombu's ``Producer.batch``: one Redis round trip per

@@ -92,21 +92,28 @@ def _stop_heartbeat(**_: Any) -> None:
 
 @signals.worker_process_init.connect(weak=False)
 def _warm_up(**_: Any) -> None:
+    _trace("worker")
+    warm_up_process()
+
+
+def warm_up_process() -> None:
     """Pay a fresh worker process's one-time costs before its first task, not during an alert.
 
     The ledger connected, the pooled HTTP client built, the broker connection for publishing
+    opened with what Celery builds on a first publish, the guard state's Redis connection
     opened (and the config, if the parent could not load it): together with what the parent
-    prepares they made the first alerts after a start about 300 ms slower than the rest
-    (``bench/worker.py``). A failure here is not fatal: the first task meets it again and
-    handles it as usual.
+    prepares they made the first alerts after a start about 300 ms slower than the rest, and
+    a pool process's first alert under load among the slowest of a steady rate
+    (``bench/worker_cost.py`` measures a fresh process's first alert). A failure here is not
+    fatal: the first task meets it again and handles it as usual.
     """
-    _trace("worker")
     settings = get_settings()
     try:
-        _config()
+        config = _config()
         connect(settings.database_url)
         http.warm_up()
         _publisher().warm_up()
+        guard_state(settings, config).client.ping()
     except Exception as exc:
         log.warning("worker_warm_up_failed", error_type=type(exc).__name__)
 

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from tests.helpers import RecordingPublisher, alert_of, alert_payload, make_config
 from workers import planner
 from workers.alerts import WebhookPayload
+from workers.dev import EmbeddedRedis
 from workers.ledger import db, repository
 from workers.ledger.db import transaction
 from workers.ledger.models import AlertEvent, Run
@@ -160,6 +161,26 @@ def test_time_limits_follow_the_run_timeout() -> None:
         message = Publisher(create_celery_app(settings), settings).run_remediation("r1", timeout_s=6.0)
         assert 6 < message.soft_time_limit < message.time_limit == 6 + margin
         assert message.args == ("r1",)  # ids only
+
+
+def test_a_warmed_up_publisher_declares_nothing_on_its_first_publish(redis_server: EmbeddedRedis) -> None:
+    """What a process's first publish would pay once (the queues' declarations) is paid by
+    ``warm_up``, before the first alert: that publish sends its messages and nothing else."""
+    import redis
+
+    from workers.celery_app import create_celery_app
+    from workers.publishing import Publisher
+
+    settings = Settings(redis_url=redis_server.url)
+    publisher = Publisher(create_celery_app(settings), settings)
+    publisher.warm_up()
+    client = redis.Redis.from_url(redis_server.url)
+    client.config_resetstat()
+    publisher.publish([publisher.run_remediation("r1", timeout_s=5.0), publisher.handle_alert(["e1"])])
+    used = {name.removeprefix("cmdstat_") for name in client.info("commandstats")}
+    assert "lpush" in used
+    assert not used & {"sadd", "llen", "smembers"}, used  # a declaration's binding and size
+    client.close()
 
 
 def test_one_bad_rule_does_not_drop_the_others(sqlite_url: str) -> None:
