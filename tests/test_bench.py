@@ -78,6 +78,8 @@ def test_worker_cost_runs(tmp_path: Path) -> None:
     figures = json.loads((ROOT / "bench" / "results" / "worker_cost.json").read_text())["figures"]
     for database in ("sqlite", "postgresql"):
         assert figures[f"{database}_handle_us"]["median"] > 0 and figures[f"{database}_run_us"]["median"] > 0
+        assert figures[f"{database}_first_handle_ms"]["median"] > 0
+        assert figures[f"{database}_first_run_ms"]["median"] > 0
 
 
 @pytest.mark.redis
