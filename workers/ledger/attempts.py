@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Row, and_, bindparam, exists, false, func, insert, not_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from workers.ledger import schedules
 from workers.ledger.db import db_now
@@ -114,13 +115,14 @@ def abandon_attempt(session: Session, attempt_id: int, run_id: str, *, now: date
     return True
 
 
+def _lease_expired(now: datetime) -> ColumnElement[bool]:
+    """A running attempt whose lease ran out before ``now`` (the ledger's clock)."""
+    return and_(ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value, ATTEMPTS.c.deadline_at < now)
+
+
 def has_stale_attempts(session: Session, *, now: datetime) -> bool:
     """Whether any running attempt's lease has expired (a read: ``requeue_stale_runs`` acts)."""
-    found = session.connection().execute(
-        select(ATTEMPTS.c.id)
-        .where(ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value, ATTEMPTS.c.deadline_at < now)
-        .limit(1)
-    )
+    found = session.connection().execute(select(ATTEMPTS.c.id).where(_lease_expired(now)).limit(1))
     return found.first() is not None
 
 
@@ -133,7 +135,7 @@ def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[s
     """
     stale = session.connection().execute(
         select(ATTEMPTS.c.id, ATTEMPTS.c.run_id)
-        .where(ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value, ATTEMPTS.c.deadline_at < now)
+        .where(_lease_expired(now))
         .order_by(ATTEMPTS.c.deadline_at)
         .limit(limit)
     )
