@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 export RESPONDER_TEST_PG_URL ?= postgresql+psycopg://responder:responder@127.0.0.1:5432/postgres
+# Test processes (pytest-xdist). The integration tests spend most of their time waiting on
+# events (a worker's start, a lease, a cooldown), so two halve the suite's wall time even on two
+# cores; every test starts its own services (free ports, Redis, databases named by process).
+TEST_PROCESSES ?= 2
 
 .PHONY: install dev test bench lint typecheck unit lock clean
 
@@ -31,7 +35,7 @@ test: install
 	.ci/ensure-tools test
 	$(MAKE) lint typecheck
 	rm -f .coverage .coverage.*
-	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage run -m pytest -n $(TEST_PROCESSES) $(PYTEST_ARGS)
 	$(BIN)/coverage combine -q
 	$(BIN)/coverage report
 
