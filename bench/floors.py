@@ -1,11 +1,13 @@
 """The floors the project is measured against, on the project's own server and worker settings.
 
 ``serve PORT``: a bare FastAPI endpoint that validates the same webhook payload (the same
-pydantic model) and answers 202, run by uvicorn with the receiver's exact options.
+pydantic model) and answers 202, run by uvicorn with the receiver's exact options. With
+``--with-libraries`` it first imports the libraries the receiver is built on and no code of
+ours (``RECEIVER_LIBRARIES``): what the receiver's memory cannot go below with them.
 ``worker N``: bare Celery with no-op tasks, on the app the worker uses (acks_late, prefetch 1,
 the same pool and JSON serializer), consuming its own queue.
 
-    python -m bench.floors serve PORT
+    python -m bench.floors serve PORT [--with-libraries]
     python -m bench.floors worker PROCESSES
 """
 
@@ -18,6 +20,16 @@ FLOOR_QUEUE = "floor"
 NOOP = "bench.noop"
 STAMP = "bench.stamp"
 LATENCIES = "bench:latency"
+# What the receiver needs from the chosen dependencies, beyond the bare endpoint's FastAPI,
+# pydantic and uvicorn: SQLAlchemy's engine (not its ORM), Celery and kombu's Redis transport
+# (redis-py) to send task messages, prometheus-client for /metrics, OpenTelemetry's SDK.
+RECEIVER_LIBRARIES = (
+    "sqlalchemy",
+    "celery.app.base",
+    "kombu.transport.redis",
+    "prometheus_client",
+    "opentelemetry.sdk.trace",
+)
 
 
 def create_floor_app():  # type: ignore[no-untyped-def]
@@ -72,10 +84,15 @@ def floor_celery():  # type: ignore[no-untyped-def]
 def main() -> None:
     role = sys.argv[1]
     if role == "serve":
+        import importlib
+
         import uvicorn
 
         from workers.cli import server_options
 
+        if "--with-libraries" in sys.argv[3:]:
+            for name in RECEIVER_LIBRARIES:
+                importlib.import_module(name)
         uvicorn.run(
             "bench.floors:create_floor_app", **server_options(host="127.0.0.1", port=int(sys.argv[2]))
         )

@@ -377,10 +377,12 @@ class Bench(contextlib.ExitStack):
             raise SystemExit(f"bench: the worker exited:\n{self.log(name)[-3000:]}")
         return proc
 
-    def floor_receiver(self) -> tuple[str, subprocess.Popen[bytes]]:
-        """The bare FastAPI endpoint in the receiver's exact server configuration."""
+    def floor_receiver(self, *, with_libraries: bool = False) -> tuple[str, subprocess.Popen[bytes]]:
+        """The bare FastAPI endpoint in the receiver's exact server configuration
+        (``with_libraries``: with the receiver's libraries imported, ``bench.floors``)."""
         port = free_port()
-        proc = self.spawn("floor-receiver", [sys.executable, "-m", "bench.floors", "serve", str(port)])
+        argv = [sys.executable, "-m", "bench.floors", "serve", str(port)]
+        proc = self.spawn("floor-receiver", argv + (["--with-libraries"] if with_libraries else []))
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(url + "/healthz"), timeout=60, what="the floor endpoint")
         return url, proc

@@ -4,7 +4,8 @@ Each round starts, one after the other on the same machine, the bare FastAPI end
 (``bench.floors``) and the receiver on SQLite and on PostgreSQL, each with its own Redis and no
 worker, and drives each with wrk (one thread, 50 connections): 3-alert webhooks with unique
 fingerprints, then the same webhook over and over (all duplicates). Every 2xx must be recorded:
-the ledger is counted after each run. Memory (RSS and PSS) at rest and at the peak under load.
+the ledger is counted after each run. Memory (RSS and PSS) at rest and at the peak under load;
+also the bare endpoint's memory at rest with the receiver's libraries imported (no code of ours).
 
     .venv/bin/python -m bench.intake [--runs 3] [--seconds 8] [--connections 50]
 """
@@ -55,6 +56,27 @@ def measure_floor(report: Report, args: argparse.Namespace, run: str) -> None:
         report.add("floor_p50", data["p50_ms"], name="bare endpoint p50", unit="ms")
         report.add("floor_p99", data["p99_ms"], name="bare endpoint p99", unit="ms")
         report.add("floor_load_rss", peaks.get("floor_rss", 0.0), name="bare endpoint RSS peak", unit="MiB")
+
+
+def measure_libraries_floor(report: Report, args: argparse.Namespace, run: str) -> None:
+    """The bare endpoint with the receiver's libraries imported: its memory at rest, after the
+    same warm-up. Not a target; it says how much of the receiver's memory its libraries hold."""
+    with Bench("intake-floor-libraries") as bench:
+        url, proc = bench.floor_receiver(with_libraries=True)
+        settle()
+        wrk(
+            url + "/api/v1/alertmanager",
+            seconds=1,
+            connections=args.connections,
+            duplicates=False,
+            run="l" + run,
+        )
+        report.add(
+            "floor_libraries_rest_pss",
+            memory_mib(proc.pid)[1],
+            name="bare endpoint + the receiver's libraries, PSS at rest",
+            unit="MiB",
+        )
 
 
 def measure_receiver(
@@ -122,6 +144,7 @@ def main(argv: list[str] | None = None) -> Report:
     for i in range(args.runs):
         run = f"{int(time.time())}{i}"
         measure_floor(report, args, run)
+        measure_libraries_floor(report, args, run)
         for database in databases:
             measure_receiver(report, args, run, database, duplicates=False)
             measure_receiver(report, args, run, database, duplicates=True)
@@ -144,6 +167,11 @@ def main(argv: list[str] | None = None) -> Report:
         report.median(f"{databases[0]}_rest_pss") / report.median("floor_rest_pss"),
         1.5,
         at_least=False,
+    )
+    report.notes.append(
+        "the receiver's libraries alone (bench.floors.RECEIVER_LIBRARIES, no code of ours) hold "
+        f"{report.median('floor_libraries_rest_pss') / report.median('floor_rest_pss'):.2f}x the "
+        "bare endpoint's PSS at rest"
     )
     report.print()
     report.write()

@@ -44,6 +44,8 @@ def test_every_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     intake = results["intake"]["figures"]
     for key in ("floor_rps", "sqlite_rps", "sqlite_dup_rps", "postgresql_rps", "postgresql_dup_rps"):
         assert intake[key]["median"] > 0, key
+    # The libraries' floor is the bare endpoint plus imports: it holds more memory than it.
+    assert intake["floor_libraries_rest_pss"]["median"] > intake["floor_rest_pss"]["median"]
     ledger = results["ledger"]["figures"]
     assert ledger["sqlite_attempt_ms"]["median"] > 0 and ledger["postgresql_attempt_ms"]["median"] > 0
     worker = results["worker"]["figures"]
