@@ -46,9 +46,13 @@ def find_redis_server() -> str:
 class EmbeddedRedis:
     """A real redis-server on a free port with its own data directory (AOF on, no eviction)."""
 
+    # Tries with a new free port when the one picked was taken before the server bound it.
+    PORT_TRIES = 5
+
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         # Absolute: redis-server changes into --dir before it opens --logfile.
         self.data_dir = data_dir.resolve()
+        self._port_fixed = port is not None
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -58,8 +62,31 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> str:
-        """Start the server and wait until it answers PING; returns its URL."""
+        """Start the server and wait until it answers PING; returns its URL.
+
+        A free port is only free when it is picked: another process (a parallel test, a
+        developer's server) may bind it before this server does. The server that answers must
+        be this one (its ``process_id``), never the other; when this one could not bind a port
+        it picked itself, it is started again on a new one. Once started, the port is kept: a
+        restart (``stop``, then ``start``) is on the URL its clients have.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._port_fixed:
+            if self._start_once(timeout):
+                return self.url
+            raise RuntimeError(f"redis-server: port {self.port} is in use by another process")
+        for _ in range(self.PORT_TRIES):
+            if self._start_once(timeout):
+                self._port_fixed = True
+                return self.url
+            self.port = free_port()
+        raise RuntimeError(
+            f"redis-server could not bind a free port in {self.PORT_TRIES} tries; "
+            f"see {self.data_dir / 'redis.log'}"
+        )
+
+    def _start_once(self, timeout: float) -> bool:
+        """Start the server on ``self.port``; False when its port was taken meanwhile."""
         self.proc = subprocess.Popen(
             [
                 find_redis_server(),
@@ -75,18 +102,32 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
-                )
-            try:
-                if client.ping():
-                    return self.url
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    if self._port_taken():
+                        return False
+                    raise RuntimeError(
+                        f"redis-server exited with {self.proc.returncode}; see {self.data_dir / 'redis.log'}"
+                    )
+                try:
+                    # PING first: it fails while the server still loads its data, INFO does not.
+                    if client.ping() and client.info("server").get("process_id") == self.proc.pid:
+                        return True
+                    time.sleep(0.05)  # another server on the port: this one exits, or binds late
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def _port_taken(self) -> bool:
+        """Whether the last start failed because its port was in use (redis-server's log says)."""
+        log = self.data_dir / "redis.log"
+        lines = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
+        return any(f":{self.port}" in line and "in use" in line.lower() for line in lines)
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL)."""
