@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, and_, bindparam, func, or_, select, text, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from workers import jsoncodec
@@ -38,9 +37,18 @@ def new_id() -> str:
 
 
 def _insert(session: Session, model: Any) -> Any:
-    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
-    dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING.
+
+    Each dialect's module is imported when first used: a process on SQLite (the receiver and
+    the worker of the embedded default) does not hold PostgreSQL's (2 MiB), nor the reverse.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(model)
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(model)
 
 
 @dataclass(frozen=True)
