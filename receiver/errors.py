@@ -13,12 +13,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
+from remediations import ResponderError
 from workers import telemetry
 
 log = telemetry.get_logger(__name__)
 
 
-class ApiError(Exception):
+class ApiError(ResponderError):
     """An error the API answers with its own status and code."""
 
     def __init__(

@@ -1,14 +1,26 @@
-"""The exception tree of alert-responder.
+"""The exception tree of alert-responder: every error it raises on purpose.
 
 It lives in the leaf package so that remediations can raise typed errors without importing
-the engine; the engine and receiver subclass ``ResponderError`` for their own errors.
+the engine; the engine and the receiver subclass ``ResponderError`` for their own errors, so
+``except ResponderError`` catches every one of them and nothing else (a bug stays a bug).
 
 * ResponderError
   x RegistryError           # a remediation is declared wrongly: stops the import
   x ConfigError             # (workers.config) the responder config is invalid
+  x RenderError             # (workers.templating) a template failed; also a ValueError
+    + RenderLimitError      # a render went past its size or time bound
+  x MatcherError            # (workers.matching) a matcher Alertmanager would refuse; a ValueError
+  x PublishError            # (workers.publishing) the broker did not take the messages
+  x EventsFailed            # (workers.planner) some events of a message were not planned
+  x ApiError                # (receiver.errors) answered with its own status and JSON body
   x RemediationError
     + TransientError        # retry: timeouts, 5xx, connection refused, non-zero exit
     + PermanentError        # never retry: refused params, 4xx, unknown command
+      + SecretError         # (workers.secrets) a secret reference that cannot be resolved
+
+``RenderError`` and ``MatcherError`` stay ``ValueError`` too, as they were before they joined
+the tree: what catches a ``ValueError`` (a pydantic validator, which makes it a field's
+``ValidationError``) still catches them.
 """
 
 from __future__ import annotations

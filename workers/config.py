@@ -421,7 +421,7 @@ def _params_problems(config: ResponderConfig, remediation: str, raw: dict[str, A
         definition.preflight(config.context(render=lambda _: "placeholder"), params)
     except ValidationError as exc:
         return [f"{where}.params.{_location(e['loc'], {})}: {e['msg']}" for e in exc.errors()]
-    except (ResponderError, RenderError) as exc:
+    except ResponderError as exc:  # RenderError among them
         return [f"{where}.params: {exc}"]
     return []
 

@@ -20,13 +20,15 @@ from typing import Any, Literal
 
 import re2
 
+from remediations import ResponderError
+
 Op = Literal["=", "!=", "=~", "!~"]
 
 # '=~' before '=' so that '~' is not read as part of the value.
 _MATCHER = re.compile(r"^\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(=~|=|!=|!~)\s*(.*?)\s*$", re.DOTALL)
 
 
-class MatcherError(ValueError):
+class MatcherError(ResponderError, ValueError):
     """A matcher string that Alertmanager would refuse too."""
 
 

@@ -259,7 +259,7 @@ def event_alert(event: AlertEvent | Row[Any]) -> Alert:
     )
 
 
-class EventsFailed(Exception):
+class EventsFailed(ResponderError):
     """Some events of a message could not be planned; the others were (each error is on its event)."""
 
 

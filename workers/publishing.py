@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from celery import Celery
 from sqlalchemy.exc import SQLAlchemyError
 
+from remediations import ResponderError
 from workers import metrics, telemetry, tracing
 from workers.ledger import repository
 from workers.ledger.db import transaction
@@ -19,7 +20,7 @@ from workers.tasknames import HANDLE_ALERT, QUEUE_ALERTS, QUEUE_REMEDIATIONS, RU
 log = telemetry.get_logger(__name__)
 
 
-class PublishError(Exception):
+class PublishError(ResponderError):
     """The broker did not take the messages (down, refused, timed out)."""
 
 

@@ -34,6 +34,7 @@ from jinja2 import StrictUndefined, Template, TemplateError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from remediations import ResponderError
 from workers import secrets
 from workers.alerts import Alert
 
@@ -56,7 +57,7 @@ _HUGE_PERCENT_WIDTH = re.compile(r"%[-#0 +*]*(\d{5,}|\d*\.\d{5,})")
 _HUGE_BRACE_WIDTH = re.compile(r"\{[^{}]*:[^{}]*\d{5,}[^{}]*\}")
 
 
-class RenderError(ValueError):
+class RenderError(ResponderError, ValueError):
     """A template failed to compile or render; the message says which param and why."""
 
 
