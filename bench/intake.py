@@ -29,17 +29,17 @@ def _count_events(url: str) -> int:
         return int(session.scalar(select(func.count()).select_from(AlertEvent)) or 0)
 
 
+def _warm_up(url: str, args: argparse.Namespace, run: str, *, duplicates: bool = False) -> None:
+    """Let a just-started server finish its imports, then one second of load: what each
+    server's memory "at rest" is measured after."""
+    settle()
+    wrk(url + "/api/v1/alertmanager", seconds=1, connections=args.connections, duplicates=duplicates, run=run)
+
+
 def measure_floor(report: Report, args: argparse.Namespace, run: str) -> None:
     with Bench("intake-floor") as bench:
         url, proc = bench.floor_receiver()
-        settle()
-        wrk(
-            url + "/api/v1/alertmanager",
-            seconds=1,
-            connections=args.connections,
-            duplicates=False,
-            run="w" + run,
-        )
+        _warm_up(url, args, "w" + run)
         report.add("floor_rest_rss", memory_mib(proc.pid)[0], name="bare endpoint RSS at rest", unit="MiB")
         report.add("floor_rest_pss", memory_mib(proc.pid)[1], name="bare endpoint PSS at rest", unit="MiB")
         with peak_memory({"floor": proc.pid}) as peaks:
@@ -63,14 +63,7 @@ def measure_libraries_floor(report: Report, args: argparse.Namespace, run: str) 
     same warm-up. Not a target; it says how much of the receiver's memory its libraries hold."""
     with Bench("intake-floor-libraries") as bench:
         url, proc = bench.floor_receiver(with_libraries=True)
-        settle()
-        wrk(
-            url + "/api/v1/alertmanager",
-            seconds=1,
-            connections=args.connections,
-            duplicates=False,
-            run="l" + run,
-        )
+        _warm_up(url, args, "l" + run)
         report.add(
             "floor_libraries_rest_pss",
             memory_mib(proc.pid)[1],
@@ -90,14 +83,7 @@ def measure_receiver(
         ledger = bench.ledger(database)
         env = bench.responder_env(redis_url=redis_url, database_url=ledger, target_url=None)
         url, proc = bench.receiver(env)
-        settle()
-        wrk(
-            url + "/api/v1/alertmanager",
-            seconds=1,
-            connections=args.connections,
-            duplicates=duplicates,
-            run="w" + run,
-        )
+        _warm_up(url, args, "w" + run, duplicates=duplicates)
         if not duplicates:
             report.add(f"{key}_rest_rss", memory_mib(proc.pid)[0], name=f"{label} RSS at rest", unit="MiB")
             report.add(f"{key}_rest_pss", memory_mib(proc.pid)[1], name=f"{label} PSS at rest", unit="MiB")
