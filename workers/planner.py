@@ -11,7 +11,7 @@ Every plan is admitted through ``workers.admission`` (the guards, one recorded d
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -271,8 +271,14 @@ def handle_events(
     publisher: Publisher,
     guards: GuardState | None = None,
     first_delivery: bool = False,
+    keep: Callable[[str, float], bool] | None = None,
 ) -> list[str]:
     """Plan the rules matching each event and publish the queued runs; returns the new run ids.
+
+    ``keep(run_id, timeout_s)``: when every event was planned and runs were queued, the caller
+    may take the last of them to run it now (``workers.inline``), once the others are sent. A
+    run taken is recorded as published like the others but not sent: if the caller never claims
+    it, the reconciler sends it after the redelivery delay, as for a lost message.
 
     Three steps, so that the ledger's write lock (SQLite has one) is held only for statements,
     never while templates render:
@@ -343,7 +349,10 @@ def handle_events(
                     error=f"{type(problem).__name__}: {problem}"[:2000],
                     count_start=not counted,
                 )
-    publish_runs(created, settings=settings, publisher=publisher, marked=True, traces=traces)
+    to_send = created
+    if keep is not None and created and not failed and keep(*created[-1]):
+        to_send = created[:-1]
+    publish_runs(to_send, settings=settings, publisher=publisher, marked=True, traces=traces)
     if failed:
         raise EventsFailed(f"{len(failed)} of {len(event_ids)} events not planned: {', '.join(failed)}")
     return [run_id for run_id, _ in created]

@@ -323,6 +323,29 @@ def execute(
     return execution
 
 
+def follow_up(run_id: str, execution: Execution, *, settings: Settings, publisher: Publisher) -> None:
+    """What a delivery leaves to do after ``execute``: the run's next message, if it has one."""
+    if execution.outcome == "deferred":
+        # Waiting for its target's lock: delivered again shortly, its last publish time (from
+        # which the wait is measured, and the reconciler's redelivery) left as it is.
+        publish_runs(
+            [(run_id, execution.timeout_s)],
+            settings=settings,
+            publisher=publisher,
+            countdown=execution.retry_in_s,
+            marked=True,
+        )
+    if execution.outcome == "retry":
+        # A fresh message, not Celery's retry: if publishing fails the run stays queued and
+        # unpublished in the ledger, and the reconciler sends it.
+        publish_runs(
+            [(run_id, execution.timeout_s)],
+            settings=settings,
+            publisher=publisher,
+            countdown=execution.retry_in_s,
+        )
+
+
 def _verification(config: ResponderConfig, run: ClaimedRun) -> dict[str, Any] | None:
     """When a succeeded run of a rule with ``repeat`` or ``verify_within`` is looked at again."""
     delay = verify_delay(config, rule=run.rule, trigger=run.trigger, repeat=run.repeat)

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_s: float = Field(default=5.0, ge=0)
     retry_backoff_cap_s: float = Field(default=300.0, ge=0)
+    # A handle_alert runs the last run it queued itself, under the run's own limits, on a
+    # worker that also consumes the remediations queue (workers.inline); false: every run is
+    # sent to the remediations queue.
+    inline_runs: bool = True
     # Seconds between the soft time limit (the remediation's timeout) and the hard kill.
     hard_limit_margin_s: float = Field(default=15.0, ge=2)
     # An attempt's lease on the ledger's clock, renewed by a heartbeat every lease/3 while the

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from typing import Any
 
 import redis
+from billiard.exceptions import SoftTimeLimitExceeded
 from celery import Task, current_app, shared_task, signals
 from sqlalchemy.orm import configure_mappers
 
 from remediations import http
-from workers import dispatcher, metrics, planner, reconciler, runner, telemetry, tracing
+from workers import dispatcher, inline, metrics, planner, reconciler, runner, telemetry, tracing
 from workers.config import ResponderConfig, cached_config
-from workers.guardstate import guard_state
+from workers.guardstate import GuardState, guard_state
 from workers.heartbeat import Heartbeat
 from workers.ledger.db import configure, connect, is_transient_ledger_error
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import ledger_policy
-from workers.settings import get_settings
+from workers.settings import Settings, get_settings
 from workers.tasknames import DISPATCH, HANDLE_ALERT, RECONCILE, RUN_REMEDIATION
 
 log = telemetry.get_logger(__name__)
@@ -162,28 +164,79 @@ def _clear_task(**_: Any) -> None:
 
 @shared_task(name=HANDLE_ALERT, bind=True, ignore_result=True)
 def handle_alert(self: Task[Any, Any], *event_ids: str) -> list[str]:
-    """Match, render, validate and record runs for the events of one webhook (idempotent)."""
+    """Match, render, validate and record runs for the events of one webhook (idempotent); the
+    last run queued is run here when this process may (``workers.inline``), the others sent."""
+    started = time.monotonic()
     # The receiver's message, delivered for the first time (the broker marks what it restores
     # after a lost worker or a visibility timeout; a retry is a new message of this task).
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     if redelivered:  # its worker was lost (killed, or cut off past the visibility timeout)
         log.warning("handle_alert_redelivered", events=len(event_ids))
+    settings = get_settings()
+    offer: inline.Offer | None = None
+    if settings.inline_runs and inline.can_run_here(self.app):
+        hard, soft = self.request.timelimit or (None, None)
+        offer = inline.Offer(margin_s=settings.hard_limit_margin_s, task_soft_s=soft or hard, started=started)
     try:
-        settings = get_settings()
         config = _config()
-        return planner.handle_events(
+        publisher = _publisher()
+        guards = guard_state(settings, config)
+        run_ids = planner.handle_events(
             event_ids=event_ids,
             settings=settings,
             config=config,
-            publisher=_publisher(),
-            guards=guard_state(settings, config),
+            publisher=publisher,
+            guards=guards,
             first_delivery=not redelivered and not self.request.retries,
+            keep=offer.take if offer else None,
         )
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
         # Not transient: each failed event keeps its error; the reconciler delivers it again
         # until RESPONDER_MAX_DELIVERIES, then the event is given up with that error.
         raise
+    if offer is not None and offer.run is not None:
+        _run_here(
+            *offer.run,
+            task_id=self.request.id or offer.run[0],
+            settings=settings,
+            config=config,
+            guards=guards,
+            publisher=publisher,
+        )
+    return run_ids
+
+
+def _run_here(
+    run_id: str,
+    timeout_s: float,
+    *,
+    task_id: str,
+    settings: Settings,
+    config: ResponderConfig,
+    guards: GuardState,
+    publisher: Publisher,
+) -> None:
+    """Run the run ``handle_alert`` kept, under the limits its message would carry; whatever
+    stops it before its outcome is known, its message is sent after all."""
+    limits = publisher.run_remediation(run_id, timeout_s=timeout_s)
+    telemetry.bind(run_id=run_id)
+    try:
+        with inline.time_limits(soft_s=limits.soft_time_limit, hard_s=limits.time_limit):
+            execution = runner.execute(
+                run_id=run_id,
+                task_id=task_id,
+                settings=settings,
+                config=config,
+                guards=guards,
+                publisher=publisher,
+            )
+        runner.follow_up(run_id, execution, settings=settings, publisher=publisher)
+    except (Exception, SoftTimeLimitExceeded) as exc:
+        # Its claim refuses a message for a run already started or finished, so sending one
+        # is safe whatever happened before the exception.
+        log.warning("inline_run_not_finished", error_type=type(exc).__name__, exc_info=True)
+        publish_runs([(run_id, timeout_s)], settings=settings, publisher=publisher, marked=True)
 
 
 @shared_task(name=RUN_REMEDIATION, bind=True, ignore_result=True)
@@ -194,36 +247,19 @@ def run_remediation(self: Task[Any, Any], run_id: str) -> str:
     task_id = self.request.id or run_id
     try:
         config = _config()
+        publisher = _publisher()
         execution = runner.execute(
             run_id=run_id,
             task_id=task_id,
             settings=settings,
             config=config,
             guards=guard_state(settings, config),
-            publisher=_publisher(),
+            publisher=publisher,
         )
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
         raise
-    if execution.outcome == "deferred":
-        # Waiting for its target's lock: delivered again shortly, its last publish time (from
-        # which the wait is measured, and the reconciler's redelivery) left as it is.
-        publish_runs(
-            [(run_id, execution.timeout_s)],
-            settings=settings,
-            publisher=_publisher(),
-            countdown=execution.retry_in_s,
-            marked=True,
-        )
-    if execution.outcome == "retry":
-        # A fresh message, not self.retry(): if publishing fails the run stays queued and
-        # unpublished in the ledger, and the reconciler sends it.
-        publish_runs(
-            [(run_id, execution.timeout_s)],
-            settings=settings,
-            publisher=_publisher(),
-            countdown=execution.retry_in_s,
-        )
+    runner.follow_up(run_id, execution, settings=settings, publisher=publisher)
     return execution.outcome
 
 
