@@ -65,6 +65,18 @@ def test_the_soft_limit_raises_in_the_block(pool_process: None) -> None:
     assert time.monotonic() - started < 5
 
 
+def test_each_block_gets_its_own_limits(pool_process: None) -> None:
+    """One watchdog serves the process's blocks in turn: a long limit left behind neither
+    fires later nor delays a shorter one after it."""
+    with inline.time_limits(soft_s=60, hard_s=90):
+        pass
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(SoftTimeLimitExceeded), inline.time_limits(soft_s=0.2, hard_s=30):
+            time.sleep(10)
+        assert time.monotonic() - started < 5
+
+
 def test_no_limit_fires_after_the_block(pool_process: None) -> None:
     with inline.time_limits(soft_s=0.3, hard_s=0.6):
         pass
