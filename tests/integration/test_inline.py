@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import alert_payload
-from tests.stack import Stack
+from tests.stack import Stack, wait_for
 
 pytestmark = [pytest.mark.redis]
 
@@ -55,3 +58,22 @@ def test_inline_runs_can_be_turned_off(stack_factory: type[Stack], ledger_url: s
     stack.post(alert_payload("ResponderProbe", instance="off-1"))
     stack.wait_run("succeeded", rule="probe-http")
     assert _attempt_tasks(stack) == ["responder.run_remediation"]
+
+
+def test_an_inline_run_whose_process_is_killed_is_taken_over_once(stack: Stack) -> None:
+    """SIGKILL of the pool process running a kept run: its handle_alert, redelivered, plans
+    nothing again; the attempt's lease expires and the reconciler sends the run: done once."""
+    stack.post(alert_payload("ResponderSlow", instance="inline-killed-1"))
+    wait_for(lambda: "start" in stack.lines("slow"), timeout=30, what="the slow command to start")
+    running = stack.wait_run("running", rule="probe-slow")
+    assert _attempt_tasks(stack) == ["responder.handle_alert"]
+    os.kill(int(running["attempts"][0]["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+    run = stack.wait_run("succeeded", timeout=60, rule="probe-slow")
+    assert [a["outcome"] for a in run["attempts"]] == ["abandoned", "succeeded"]
+    assert "lease expired" in (run["attempts"][0]["error"] or "")
+    time.sleep(4)  # the killed attempt's command would have finished by now if it survived
+    assert (stack.lines("slow").count("start"), stack.lines("slow").count("done")) == (2, 1)
+    wait_for(
+        lambda: stack.count("worker", "handle_alert_redelivered") == 1, timeout=10, what="the redelivery"
+    )
+    assert len(stack.runs(rule="probe-slow")) == 1
