@@ -9,15 +9,18 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from billiard.exceptions import SoftTimeLimitExceeded
 from billiard.pool import soft_timeout_sighandler
 from celery import Celery
+from sqlalchemy.exc import OperationalError
 
 from tests.helpers import RecordingPublisher, alert_payload, make_config
 from workers import inline
 from workers.alerts import WebhookPayload
+from workers.guardstate import GuardState
 from workers.ledger import repository
 from workers.ledger.db import transaction
 from workers.planner import handle_events
@@ -176,3 +179,31 @@ def test_a_run_refused_by_the_offer_is_published(sqlite_url: str) -> None:
         keep=lambda _run, _timeout: False,
     )
     assert [r[0] for r in publisher.runs] == created
+
+
+def test_a_kept_run_that_cannot_finish_here_is_sent(
+    sqlite_url: str, pool_process: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever stops the inline execution before its outcome is known (the ledger, the soft
+    limit as the block ends) sends the run's message after all; its claim refuses it if the
+    attempt had started."""
+    from workers import runner, tasks
+
+    settings = Settings(database_url=sqlite_url)
+    publisher = RecordingPublisher(settings)
+    for error in (OperationalError("claim", {}, Exception("database is locked")), SoftTimeLimitExceeded()):
+
+        def fail(error: BaseException = error, **_: object) -> None:
+            raise error
+
+        monkeypatch.setattr(runner, "execute", fail)
+        tasks._run_here(
+            "run-1",
+            10.0,
+            task_id="task-1",
+            settings=settings,
+            config=make_config(),
+            guards=cast(GuardState, None),
+            publisher=publisher,
+        )
+    assert [(r[0], r[1]) for r in publisher.runs] == [("run-1", 10.0), ("run-1", 10.0)]
