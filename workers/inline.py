@@ -11,7 +11,9 @@ once instead of sending it, with nothing changed for that run:
   the inline run the ones its message would have carried (``Publisher.run_remediation``);
 - the same recovery: the run was recorded as published when it was admitted, so if this process
   dies before claiming it, the reconciler sends its message after the redelivery delay, as for
-  a lost message; killed while it runs, its attempt's lease expires and it is taken over.
+  a lost message; killed while it runs, the ``handle_alert`` redelivered runs it again under the
+  same task id, whose claim abandons the dead attempt at once (``attempts.left_by_task``), and
+  if nothing redelivers it, its lease expires and the reconciler takes it over.
 
 Only where that holds (``can_run_here``): a prefork pool process of a worker that consumes the
 ``remediations`` queue (a worker started with ``--queues alerts`` never runs a remediation),

@@ -17,7 +17,8 @@ from workers import dispatcher, inline, metrics, planner, reconciler, runner, te
 from workers.config import ResponderConfig, cached_config
 from workers.guardstate import GuardState, guard_state
 from workers.heartbeat import Heartbeat
-from workers.ledger.db import configure, connect, is_transient_ledger_error
+from workers.ledger import attempts
+from workers.ledger.db import configure, connect, is_transient_ledger_error, reading
 from workers.publishing import Publisher, publish_runs
 from workers.resilience import ledger_policy
 from workers.settings import Settings, get_settings
@@ -190,6 +191,13 @@ def handle_alert(self: Task[Any, Any], *event_ids: str) -> list[str]:
             first_delivery=not redelivered and not self.request.retries,
             keep=offer.take if offer else None,
         )
+        if redelivered and offer is not None and offer.run is None:
+            # The process this message was delivered to died: the run it kept, if it was
+            # running it, is run again now under the same task id, whose claim abandons the
+            # dead attempt at once (as a redelivered run_remediation's does), not after its lease.
+            with reading(settings.database_url) as session:
+                for run_id, timeout_s in attempts.left_by_task(session, self.request.id or "")[:1]:
+                    offer.take(run_id, timeout_s)
     except Exception as exc:
         _retry_on_ledger_error(self, exc)
         # Not transient: each failed event keeps its error; the reconciler delivers it again

@@ -126,6 +126,17 @@ def has_stale_attempts(session: Session, *, now: datetime) -> bool:
     return found.first() is not None
 
 
+def left_by_task(session: Session, task_id: str) -> list[tuple[str, float]]:
+    """(run id, timeout) of the runs with an attempt still running under ``task_id``: what a
+    redelivered ``handle_alert`` was running when its process died (``workers.inline``)."""
+    found = session.connection().execute(
+        select(RUNS.c.id, RUNS.c.timeout_s)
+        .join(ATTEMPTS, ATTEMPTS.c.run_id == RUNS.c.id)
+        .where(ATTEMPTS.c.task_id == task_id, ATTEMPTS.c.outcome == AttemptOutcome.RUNNING.value)
+    )
+    return [(row.id, row.timeout_s) for row in found]
+
+
 def requeue_stale_runs(session: Session, *, now: datetime, limit: int) -> list[str]:
     """Abandon attempts whose lease expired and put their runs back in the queue.
 
