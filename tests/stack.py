@@ -289,6 +289,13 @@ class Stack:
             self.start_worker()
         self.start_beat()
 
+    def start_split(self) -> None:
+        """Receiver and beat, and workers split by queue as docker-compose.yml runs them:
+        ``planner`` on alerts and maintenance, ``runner`` on remediations."""
+        self.start_all(worker=False)
+        self.start_worker("planner", queues="alerts,maintenance")
+        self.start_worker("runner", queues="remediations")
+
     def start_beat(self) -> None:
         beat = self.start("beat", "beat")
 

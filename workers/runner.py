@@ -324,25 +324,20 @@ def execute(
 
 
 def follow_up(run_id: str, execution: Execution, *, settings: Settings, publisher: Publisher) -> None:
-    """What a delivery leaves to do after ``execute``: the run's next message, if it has one."""
-    if execution.outcome == "deferred":
-        # Waiting for its target's lock: delivered again shortly, its last publish time (from
-        # which the wait is measured, and the reconciler's redelivery) left as it is.
+    """What a delivery leaves to do after ``execute``: the run's next message, if it has one.
+
+    A deferral (waiting for its target's lock) keeps its last publish time, from which the wait
+    and the reconciler's redelivery are measured (``marked``). A retry is a fresh message, not
+    Celery's retry: if publishing fails the run stays queued and unpublished in the ledger, and
+    the reconciler sends it.
+    """
+    if execution.outcome in ("deferred", "retry"):
         publish_runs(
             [(run_id, execution.timeout_s)],
             settings=settings,
             publisher=publisher,
             countdown=execution.retry_in_s,
-            marked=True,
-        )
-    if execution.outcome == "retry":
-        # A fresh message, not Celery's retry: if publishing fails the run stays queued and
-        # unpublished in the ledger, and the reconciler sends it.
-        publish_runs(
-            [(run_id, execution.timeout_s)],
-            settings=settings,
-            publisher=publisher,
-            countdown=execution.retry_in_s,
+            marked=execution.outcome == "deferred",
         )
 
 

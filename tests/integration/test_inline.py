@@ -43,9 +43,7 @@ def test_a_worker_of_alerts_only_never_runs_a_remediation(
     stack_factory: type[Stack], ledger_url: str, tmp_path: Path
 ) -> None:
     stack = stack_factory(tmp=tmp_path, database_url=ledger_url)
-    stack.start_all(worker=False)
-    stack.start_worker("planner", queues="alerts,maintenance")
-    stack.start_worker("runner", queues="remediations")
+    stack.start_split()
     stack.post(alert_payload("ResponderProbe", instance="split-1"))
     stack.wait_run("succeeded", rule="probe-http")
     assert _attempt_tasks(stack, "planner") == []

@@ -203,9 +203,7 @@ def test_busy_remediation_workers_do_not_delay_planning(
 ) -> None:
     """With every remediation slot busy on a slow command, a new alert is still planned at once."""
     stack = stack_factory(tmp=tmp_path, database_url=ledger_url)
-    stack.start_all(worker=False)
-    stack.start_worker("planner", queues="alerts,maintenance")
-    stack.start_worker("runner", queues="remediations")
+    stack.start_split()
     stack.post(alert_payload("ResponderLong", instance="busy-1"))
     wait_for(lambda: "start" in stack.lines("long"), timeout=30, what="the long command to start")
     stack.post(alert_payload("ResponderProbe", instance="next-1"))
